@@ -1,0 +1,1 @@
+"""The LXMERT cross-modality network, state-dict compatible with transformers."""

@@ -1,0 +1,1 @@
+"""What LXMERT learns and how it is measured: datasets, answer tables, metrics, training."""
