@@ -1,0 +1,178 @@
+"""Machinery shared by the Luigi tasks: the work directory, content-addressed outputs, atomic
+completion, one-runner locks and a check of every input path before any work starts."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import luigi
+import luigi.configuration
+from luigi.task import flatten
+
+WORKDIR_ENV = "LXMERT_WORKDIR"
+
+
+def workdir() -> Path:
+    """Where every output lives: $LXMERT_WORKDIR, else `[pipeline] workdir` of luigi.cfg, else ./work."""
+    env = os.environ.get(WORKDIR_ENV)
+    if env:
+        return Path(env).absolute()
+    configured = luigi.configuration.get_config().get("pipeline", "workdir", "work")
+    return Path(configured).absolute()
+
+
+class InputPathParameter(luigi.Parameter):
+    """A path the user gives that must exist before anything runs; empty means "not given" when optional."""
+
+    def __init__(self, *args: Any, kind: str = "any", optional: bool = False, **kwargs: Any) -> None:
+        if kind not in ("any", "file", "dir"):
+            raise ValueError(f"InputPathParameter kind must be any, file or dir, not {kind!r}")
+        self.kind = kind
+        self.optional = optional
+        super().__init__(*args, **kwargs)
+
+
+class InputPathError(FileNotFoundError):
+    """An input named by a parameter is missing; the message names the task, the parameter and the path."""
+
+
+def _problems(task: luigi.Task) -> list[str]:
+    found = []
+    for name, param in task.get_params():
+        if not isinstance(param, InputPathParameter):
+            continue
+        value = getattr(task, name)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not any(str(v) for v in values):
+            if not param.optional:
+                found.append(f"{task.get_task_family()}: parameter '{name}' "
+                             f"(--{task.get_task_family()}-{name.replace('_', '-')}) is required but empty")
+            continue
+        for v in values:
+            p = Path(str(v))
+            ok = p.is_file() if param.kind == "file" else p.is_dir() if param.kind == "dir" else p.exists()
+            if not ok:
+                what = {"file": "file", "dir": "directory", "any": "path"}[param.kind]
+                found.append(f"{task.get_task_family()}: parameter '{name}' names {what} '{p}', "
+                             f"which does not exist")
+    return found
+
+
+_CHECKED: set[str] = set()
+
+
+def check_inputs(root: luigi.Task) -> None:
+    """Walk the whole graph under `root` and fail before any work if an input path is missing."""
+    if root.task_id in _CHECKED:
+        return
+    seen: set[str] = set()
+    problems: list[str] = []
+    stack = [root]
+    while stack:
+        task = stack.pop()
+        if task.task_id in seen:
+            continue
+        seen.add(task.task_id)
+        problems.extend(_problems(task))
+        if isinstance(task, PipelineTask):
+            stack.extend(flatten(task.dependencies()))
+        else:
+            stack.extend(flatten(task.requires()))
+    if problems:
+        raise InputPathError("missing inputs, nothing was run:\n  " + "\n  ".join(problems))
+    _CHECKED.update(seen)
+
+
+def _signature(task: luigi.Task) -> str:
+    params = task.to_str_params(only_significant=True, only_public=True)
+    upstream = task.dependencies() if isinstance(task, PipelineTask) else task.requires()
+    deps = sorted(_signature(d) if isinstance(d, PipelineTask) else d.task_id for d in flatten(upstream))
+    blob = json.dumps({"task": task.get_task_family(), "params": params, "deps": deps}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@contextmanager
+def exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock so two processes never build the same output at once."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                raise RuntimeError(f"{what} is already being built by pid {holder} (lock {lock_path})") from e
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class PipelineTask(luigi.Task):
+    """Base task: output folder workdir/<Family>/<signature>, built in `<folder>.partial`, renamed when done.
+
+    The signature hashes the task's significant parameters and its upstream signatures, so new settings
+    anywhere upstream give a new folder and never overwrite or reuse an old result. The `.partial`
+    folder survives a crash: tasks that checkpoint (training, extraction) resume from it.
+    """
+
+    def dependencies(self) -> Any:
+        """The upstream tasks (what `requires` would return); override in subclasses."""
+        return []
+
+    def requires(self) -> Any:
+        check_inputs(self)
+        return self.dependencies()
+
+    def signature(self) -> str:
+        return _signature(self)
+
+    def output_dir(self) -> Path:
+        return workdir() / self.get_task_family() / self.signature()
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(self.output_dir()))
+
+    def partial_dir(self) -> Path:
+        final = self.output_dir()
+        return final.with_name(final.name + ".partial")
+
+    def build(self, out: Path) -> None:
+        """Write this task's results into `out` (the partial folder); override in subclasses."""
+        raise NotImplementedError(f"{self.get_task_family()} does not define build()")
+
+    def run(self) -> None:
+        final = self.output_dir()
+        with exclusive(final.with_name(final.name + ".lock"), str(self)):
+            if final.exists():
+                return
+            partial = self.partial_dir()
+            partial.mkdir(parents=True, exist_ok=True)
+            self.build(partial)
+            record = {"task": self.get_task_family(), "params": self.to_str_params(only_significant=True),
+                      "signature": self.signature(),
+                      "inputs": [d.output().path for d in flatten(self.dependencies())]}
+            (partial / "task.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            os.replace(partial, final)
+
+    def input_dirs(self) -> Any:
+        """The upstream output folders as Paths, shaped like dependencies()."""
+        return _as_paths(luigi.task.getpaths(self.dependencies()))
+
+
+def _as_paths(struct: Any) -> Any:
+    if isinstance(struct, dict):
+        return {k: _as_paths(v) for k, v in struct.items()}
+    if isinstance(struct, (list, tuple)):
+        return [_as_paths(v) for v in struct]
+    return Path(struct.path)
