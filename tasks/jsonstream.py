@@ -1,0 +1,248 @@
+"""Incremental JSON reading and atomic writing.
+
+Visual Genome and GQA ship single JSON documents of several GB; these helpers read one record at
+a time through a bounded buffer (json.JSONDecoder.raw_decode on buffered reads), so memory stays
+proportional to the largest record, not the file. Every error names the file and the record.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+CHUNK_CHARS = 1 << 20
+_NON_BLANK = re.compile(r"[^ \t\n\r]")
+_NUMBER_TAIL = re.compile(r"[0-9.eE+-]*")
+
+
+class DataFormatError(ValueError):
+    """A data or prediction file that does not hold what its format promises (names file and record)."""
+
+
+class _Scanner:
+    """A cursor over a JSON text that decodes one value at a time and refills its buffer on demand."""
+
+    def __init__(self, fh: IO[str], path: Path, chunk_chars: int) -> None:
+        self.path = path
+        self._fh = fh
+        self._chunk = chunk_chars
+        self._buf = ""
+        self._pos = 0
+        self._offset = 0  # characters of the file dropped from the front of the buffer
+        self._eof = False
+        self._decoder = json.JSONDecoder()
+        self.where = ""  # the record being read, e.g. "record 12: ", for error messages
+
+    def error(self, what: str, at: int | None = None) -> DataFormatError:
+        char = self._offset + (self._pos if at is None else at)
+        return DataFormatError(f"{self.path}: {self.where}{what} (character {char})")
+
+    def _fill(self, want: int) -> bool:
+        if self._eof:
+            return False
+        if self._pos:
+            self._buf = self._buf[self._pos:]
+            self._offset += self._pos
+            self._pos = 0
+        try:
+            data = self._fh.read(max(want, self._chunk))
+        except UnicodeDecodeError as err:
+            raise DataFormatError(f"{self.path}: not UTF-8 text ({err.reason})") from None
+        if not data:
+            self._eof = True
+            return False
+        self._buf += data
+        return True
+
+    def peek(self) -> str:
+        """The next non-blank character without consuming it; '' at the end of the file."""
+        while True:
+            m = _NON_BLANK.search(self._buf, self._pos)
+            if m is not None:
+                self._pos = m.start()
+                return self._buf[self._pos]
+            self._pos = len(self._buf)
+            if not self._fill(self._chunk):
+                return ""
+
+    def take(self, char: str) -> None:
+        if self.peek() != char:
+            found = self.peek() or "end of file"
+            raise self.error(f"expected {char!r}, found {found!r}")
+        self._pos += 1
+
+    def value(self) -> Any:
+        """Decode the next complete JSON value, reading more of the file while it is cut off."""
+        if not self.peek():
+            raise self.error("unexpected end of file")
+        while True:
+            try:
+                obj, end = self._decoder.raw_decode(self._buf, self._pos)
+            except json.JSONDecodeError as err:
+                # A value cut by the buffer's end fails inside a string or within a token's length
+                # of the end; only then is reading more worth it, any other failure is in the file.
+                cut = "Unterminated string" in err.msg or len(self._buf) - err.pos <= 6
+                if cut and self._fill(len(self._buf)):
+                    continue
+                raise self.error(f"invalid JSON: {err.msg}", err.pos) from None
+            if _NUMBER_TAIL.fullmatch(self._buf, end) and self._fill(self._chunk):
+                continue  # a number cut by the buffer's end ("12", "-0.", "1e") goes on in the next chunk
+            self._pos = end
+            return obj
+
+    def key(self) -> str:
+        if self.peek() != '"':
+            raise self.error("expected an object key")
+        return self.value()
+
+    def array_items(self, label: str = "") -> Iterator[Any]:
+        """Elements of the array whose '[' is next (`label` prefixes the record in errors)."""
+        self.take("[")
+        if self.peek() == "]":
+            self._pos += 1
+            return
+        index = 0
+        while True:
+            self.where = f"{label}record {index}: "
+            yield self.value()
+            index += 1
+            sep = self.peek()
+            self._pos += 1
+            if sep == "]":
+                self.where = ""
+                return
+            if sep != ",":
+                self._pos -= 1
+                raise self.error(f"expected ',' or ']' in an array, found {sep or 'end of file'!r}")
+
+    def object_members(self) -> Iterator[str]:
+        """Keys of the object whose '{' is next; after each key the scanner stands at its value."""
+        self.take("{")
+        if self.peek() == "}":
+            self._pos += 1
+            return
+        while True:
+            key = self.key()
+            self.where = f"key {key!r}: "
+            self.take(":")
+            yield key
+            sep = self.peek()
+            self._pos += 1
+            if sep == "}":
+                self.where = ""
+                return
+            if sep != ",":
+                self._pos -= 1
+                raise self.error(f"expected ',' or '}}' in an object, found {sep or 'end of file'!r}")
+
+    def finish(self) -> None:
+        if self.peek():
+            raise self.error("unexpected data after the top-level value")
+
+
+def _open(path: str | os.PathLike[str]) -> IO[str]:
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def iter_array(path: str | os.PathLike[str], *, chunk_chars: int = CHUNK_CHARS) -> Iterator[Any]:
+    """Elements of a file whose top-level value is an array, one at a time."""
+    path = Path(path)
+    with _open(path) as fh:
+        sc = _Scanner(fh, path, chunk_chars)
+        if sc.peek() != "[":
+            raise sc.error("expected a top-level JSON array")
+        yield from sc.array_items()
+        sc.finish()
+
+
+def iter_object(path: str | os.PathLike[str], *, chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, Any]]:
+    """(key, value) members of a file whose top-level value is an object (e.g. GQA questions)."""
+    path = Path(path)
+    with _open(path) as fh:
+        sc = _Scanner(fh, path, chunk_chars)
+        if sc.peek() != "{":
+            raise sc.error("expected a top-level JSON object")
+        for key in sc.object_members():
+            yield key, sc.value()
+        sc.finish()
+
+
+def iter_members(
+    path: str | os.PathLike[str], stream: Collection[str], *, chunk_chars: int = CHUNK_CHARS
+) -> Iterator[tuple[str, Any]]:
+    """Members of a top-level object; the arrays under the keys in `stream` come as element iterators.
+
+    For a key in `stream` the value yielded is an iterator over that array's elements, valid until
+    the next member is requested (unconsumed elements are then skipped), like itertools.groupby.
+    This reads `{"info": ..., "annotations": [...]}` files (COCO, VQA) without holding the array.
+    """
+    path = Path(path)
+    with _open(path) as fh:
+        sc = _Scanner(fh, path, chunk_chars)
+        if sc.peek() != "{":
+            raise sc.error("expected a top-level JSON object")
+        for key in sc.object_members():
+            if key in stream:
+                if sc.peek() != "[":
+                    raise sc.error(f"key {key!r}: expected an array")
+                items = sc.array_items(f"{key!r} ")
+                yield key, items
+                for _ in items:
+                    pass
+            else:
+                yield key, sc.value()
+        sc.finish()
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSON-lines file."""
+    path = Path(path)
+    with _open(path) as fh:
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        yield lineno, json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataFormatError(f"{path}: line {lineno}: invalid JSON: {err.msg}") from None
+        except UnicodeDecodeError as err:
+            raise DataFormatError(f"{path}: not UTF-8 text ({err.reason})") from None
+
+
+def load_json(path: str | os.PathLike[str]) -> Any:
+    """A whole (small) JSON file, with a parse error naming the file and position."""
+    path = Path(path)
+    with _open(path) as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(
+                f"{path}: invalid JSON: {err.msg} (line {err.lineno} column {err.colno})"
+            ) from None
+        except UnicodeDecodeError as err:
+            raise DataFormatError(f"{path}: not UTF-8 text ({err.reason})") from None
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write via a temporary file in the same folder and os.replace, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = None) -> None:
+    """json.dump to `path` atomically (temporary file + os.replace)."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False))
