@@ -116,6 +116,7 @@ def build_pretrain_corpus(
     gqa_questions: Sequence[PathLike] = (),
     vg_image_data: PathLike | None = None,
     minival: Iterable[str] = (),
+    exclude: Iterable[str] = (),
 ) -> dict[str, list[dict]]:
     """LXMERT's pretraining corpus, one entry per image, split into CORPUS_SPLITS.
 
@@ -125,7 +126,8 @@ def build_pretrain_corpus(
     the pretraining loader maps them with convert_label onto its table, as LXMERT does.
     With vg_image_data, Visual Genome / GQA images that are COCO images are filed under their
     COCO img_id (known from the COCO captions or VQA files given), so one image has one entry.
-    Images listed in `minival` (COCO img_ids) go to mscoco_minival whatever the source.
+    Images listed in `minival` (COCO img_ids) go to mscoco_minival whatever the source; images listed
+    in `exclude` (e.g. the images of an evaluation split such as GQA's) get no entry at all.
     Entries are ordered by img_id; sentences keep their order in the source files.
     """
     corpus = _Corpus()
@@ -164,9 +166,11 @@ def build_pretrain_corpus(
                 raise DataFormatError(f"{path}: question {q.question_id!r} has no answer (test split?)")
             corpus.add(image(q.img_id), "gqa", q.question, {q.answer: 1.0})
 
-    held_out = frozenset(minival)
+    held_out, excluded = frozenset(minival), frozenset(exclude)
     splits: dict[str, list[dict]] = {name: [] for name in CORPUS_SPLITS}
     for img_id in sorted(corpus.entries):
+        if img_id in excluded:
+            continue
         splits[corpus_split(img_id, held_out)].append(corpus.entries[img_id])
     return splits
 

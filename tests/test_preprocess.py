@@ -158,3 +158,11 @@ def test_pretrain_corpus_rejects_unanswered_gqa(raw, tmp_path):
                  {"t": {"imageId": "1", "question": "Q?", "isBalanced": True}})
     with pytest.raises(DataFormatError, match="question 't' has no answer"):
         build_pretrain_corpus(gqa_questions=[test])
+
+
+def test_pretrain_corpus_excluded_images_get_no_entry(raw):
+    raw = {**raw, "vg_image_data": None}
+    splits = build_pretrain_corpus(**raw, exclude=["500", "COCO_val2014_000000000043"])
+    assert [e["img_id"] for e in splits["vgnococo"]] == ["1"]
+    assert [e["img_id"] for e in splits["mscoco_nominival"]] == ["COCO_val2014_000000000042"]
+    assert [e["img_id"] for e in splits["mscoco_train"]] == ["COCO_train2014_000000000009"]
