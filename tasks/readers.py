@@ -579,10 +579,11 @@ def load_pretrain_corpus(path: PathLike) -> list[dict]:
     return out
 
 
-def read_img_id_list(path: PathLike) -> list[str]:
-    """Image ids from a JSON list or a text file (one per line); bare integers are COCO val2014 ids.
+def read_img_id_list(path: PathLike, numbers_as: str | None = "val2014") -> list[str]:
+    """Image ids from a JSON list or a text file (one per line).
 
-    Used for the held-out COCO minival images (LXMERT's 5,000 val2014 images).
+    Bare integers are COCO ids of the `numbers_as` split (LXMERT's minival list holds val2014
+    numbers); numbers_as=None keeps them verbatim, as Visual Genome / GQA image ids.
     """
     path = Path(path)
     text_ids: list[Any]
@@ -595,7 +596,7 @@ def read_img_id_list(path: PathLike) -> list[str]:
     out = []
     for i, v in enumerate(text_ids):
         if isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.isdigit():
-            out.append(coco_img_id(int(v), "val2014"))
+            out.append(coco_img_id(int(v), numbers_as) if numbers_as else str(v))
         elif isinstance(v, str):
             out.append(v)
         else:

@@ -222,5 +222,8 @@ def test_img_id_lists(tmp_path):
                                                           "COCO_val2014_000000000139"]
     assert read_img_id_list(write(tmp_path / "ids.json", [42, "2354786x"])) == [
         "COCO_val2014_000000000042", "2354786x"]
+    assert read_img_id_list(tmp_path / "minival.txt", numbers_as=None) == ["COCO_val2014_000000000042", "139"]
+    ids = read_img_id_list(tmp_path / "minival.txt", numbers_as="train2014")
+    assert ids[1] == "COCO_train2014_000000000139"
     with pytest.raises(DataFormatError, match=r"bad.json: entry 0"):
         read_img_id_list(write(tmp_path / "bad.json", [1.5]))
