@@ -223,10 +223,11 @@ def _vg_image(rec: Any, at: _At, *, optional: bool = False) -> str | None:
     return str(key)
 
 
-def _vg_images(path: Path, items_key: str) -> Iterator[tuple[int, _At, str | None, list]]:
+def _vg_images(path: Path, *items_keys: str) -> Iterator[tuple[int, _At, str | None, list]]:
     for i, rec in enumerate(iter_array(path)):
         at = _At(path, "record {}", i)
-        items = _get(rec, items_key, "list", at)
+        key = next((k for k in items_keys if isinstance(rec, dict) and k in rec), items_keys[0])
+        items = _get(rec, key, "list", at)
         yield i, at, _vg_image(rec, at, optional=True), items
 
 
@@ -260,9 +261,13 @@ def read_vg_qas(path: PathLike) -> Iterator[VGQA]:
 
 
 def read_vg_objects(path: PathLike) -> Iterator[VGImageObjects]:
-    """Objects per image of objects.json or attributes.json ([{image_id|id, objects: [...]}])."""
+    """Objects per image of objects.json or attributes.json.
+
+    Images are [{image_id|id, objects: [...]}]; Visual Genome's attributes.json keeps the same
+    objects under the key "attributes", which is read too.
+    """
     path = Path(path)
-    for i, at, img, objs in _vg_images(path, "objects"):
+    for i, at, img, objs in _vg_images(path, "objects", "attributes"):
         if img is None:
             raise at.error("missing the image key ('image_id' or 'id')")
         out = []

@@ -103,6 +103,10 @@ def test_vg_objects_and_attributes_both_key_variants(tmp_path):
     assert a.objects[0].names == b.objects[0].names == ("trees",)
     assert a.objects[0].attributes == ("green", "tall") and b.objects[0].attributes == ()
     assert a.objects[0].object_id == b.objects[0].object_id == 1058549
+    # Visual Genome's own attributes.json keeps each image's objects under "attributes"
+    vg_attributes = [{"image_id": 1, "attributes": new[0]["objects"]}]
+    c = next(read_vg_objects(write(tmp_path / "vg_attributes.json", vg_attributes)))
+    assert c == a
     bad = [{"image_id": 1, "objects": [{"object_id": 5, "x": 0, "y": 0, "w": 1, "h": 1, "names": "tree"}]}]
     with pytest.raises(DataFormatError, match=r"record 0 \(image 1\) objects\[0\]: key 'names' should be"):
         list(read_vg_objects(write(tmp_path / "o_bad.json", bad)))
