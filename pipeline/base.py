@@ -28,15 +28,23 @@ def workdir() -> Path:
     return Path(configured).absolute()
 
 
-class InputPathParameter(luigi.Parameter):
-    """A path the user gives that must exist before anything runs; empty means "not given" when optional."""
+class _InputPath:
+    """Marks a parameter whose value names paths that must exist before anything runs."""
 
     def __init__(self, *args: Any, kind: str = "any", optional: bool = False, **kwargs: Any) -> None:
         if kind not in ("any", "file", "dir"):
-            raise ValueError(f"InputPathParameter kind must be any, file or dir, not {kind!r}")
+            raise ValueError(f"input path kind must be any, file or dir, not {kind!r}")
         self.kind = kind
         self.optional = optional
         super().__init__(*args, **kwargs)
+
+
+class InputPathParameter(_InputPath, luigi.Parameter):
+    """One path the user gives; empty means "not given" when optional."""
+
+
+class InputPathListParameter(_InputPath, luigi.ListParameter):
+    """Several paths the user gives (a JSON list on the command line); empty when optional."""
 
 
 class InputPathError(FileNotFoundError):
@@ -46,7 +54,7 @@ class InputPathError(FileNotFoundError):
 def _problems(task: luigi.Task) -> list[str]:
     found = []
     for name, param in task.get_params():
-        if not isinstance(param, InputPathParameter):
+        if not isinstance(param, _InputPath):
             continue
         value = getattr(task, name)
         values = list(value) if isinstance(value, (list, tuple)) else [value]
