@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tasks.answers import AnswerTable, vqa_label
-from tasks.jsonstream import DataFormatError, write_json_atomic
+from tasks.jsonstream import DataFormatError, load_json, write_json_atomic
 from tasks.readers import (
     nlvr2_img_ids,
     read_coco_captions,
@@ -182,3 +182,23 @@ def write_corpus(splits: dict[str, list[dict]], out_dir: PathLike) -> dict[str, 
         out[name] = Path(out_dir) / f"{name}.json"
         write_json_atomic(out[name], entries)
     return out
+
+
+def write_vqa_subset(questions: PathLike, annotations: PathLike, question_ids: Iterable[int],
+                     out_questions: PathLike, out_annotations: PathLike) -> int:
+    """Official-format VQA files holding only `question_ids` (e.g. minival), so the official
+    scorer sees exactly the evaluated split; other top-level fields are kept. Returns the count."""
+    keep = set(question_ids)
+    files = ((questions, out_questions, "questions"), (annotations, out_annotations, "annotations"))
+    for src, dst, key in files:
+        data = load_json(src)
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise DataFormatError(f"{src}: expected an object with a '{key}' list")
+        items = [x for x in data[key] if isinstance(x, dict) and x.get("question_id") in keep]
+        found = {x["question_id"] for x in items}
+        if found != keep:
+            missing = sorted(keep - found)
+            raise DataFormatError(f"{src}: {len(missing)} of the wanted questions are absent "
+                                  f"(first: {missing[:5]})")
+        write_json_atomic(dst, {**data, key: items})
+    return len(keep)

@@ -14,6 +14,7 @@ from tasks.preprocess import (
     build_vqa_task,
     corpus_split,
     write_corpus,
+    write_vqa_subset,
 )
 from tasks.readers import load_gqa_task, load_nlvr2_task, load_pretrain_corpus, load_vqa_task
 
@@ -166,3 +167,21 @@ def test_pretrain_corpus_excluded_images_get_no_entry(raw):
     assert [e["img_id"] for e in splits["vgnococo"]] == ["1"]
     assert [e["img_id"] for e in splits["mscoco_nominival"]] == ["COCO_val2014_000000000042"]
     assert [e["img_id"] for e in splits["mscoco_train"]] == ["COCO_train2014_000000000009"]
+
+
+def test_vqa_subset_keeps_only_the_wanted_questions_in_the_official_format(tmp_path):
+    qs = {"info": {"v": 2}, "data_subtype": "val2014",
+          "questions": [{"image_id": i, "question": f"Q{i}?", "question_id": i * 1000} for i in (1, 2, 3)]}
+    anns = {"annotations": [{"question_id": i * 1000, "image_id": i, "question_type": "what",
+                             "answer_type": "other", "multiple_choice_answer": "a",
+                             "answers": [{"answer": "a", "answer_confidence": "yes", "answer_id": 1}]}
+                            for i in (1, 2, 3)]}
+    q, a = write(tmp_path / "q.json", qs), write(tmp_path / "a.json", anns)
+    n = write_vqa_subset(q, a, [1000, 3000], tmp_path / "mq.json", tmp_path / "ma.json")
+    assert n == 2
+    sub_q = json.loads((tmp_path / "mq.json").read_text())
+    assert sub_q["info"] == {"v": 2} and [x["question_id"] for x in sub_q["questions"]] == [1000, 3000]
+    sub_a = json.loads((tmp_path / "ma.json").read_text())
+    assert [x["question_id"] for x in sub_a["annotations"]] == [1000, 3000]
+    with pytest.raises(DataFormatError, match=r"q.json: 1 of the wanted questions are absent"):
+        write_vqa_subset(q, a, [1000, 9000], tmp_path / "x.json", tmp_path / "y.json")
