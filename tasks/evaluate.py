@@ -36,31 +36,48 @@ def _existing(path: Path, option: str) -> Path:
     return path
 
 
-def _vqa(args: argparse.Namespace) -> dict:
-    annotations = list(read_vqa_annotations(_existing(args.annotations, "--annotations")))
-    predictions = read_vqa_predictions(_existing(args.predictions, "--predictions"))
-    if args.questions is not None:
-        asked = {q.question_id for q in read_vqa_questions(_existing(args.questions, "--questions"))}
-        annotated = {a.question_id for a in annotations}
+def evaluate_vqa(annotations: Path, predictions: Path, questions: Path | None = None,
+                 rules: str = "current", allow_missing: bool = False) -> dict:
+    """Official VQA accuracy of a results file [{question_id, answer}] against annotation files."""
+    anns = list(read_vqa_annotations(_existing(Path(annotations), "--annotations")))
+    preds = read_vqa_predictions(_existing(Path(predictions), "--predictions"))
+    if questions is not None:
+        asked = {q.question_id for q in read_vqa_questions(_existing(Path(questions), "--questions"))}
+        annotated = {a.question_id for a in anns}
         if asked != annotated:
             diff = sorted(asked ^ annotated)
             raise DataFormatError(
-                f"{args.questions} and {args.annotations} do not hold the same questions "
+                f"{questions} and {annotations} do not hold the same questions "
                 f"({len(diff)} differ, first: {diff[:5]})")
-    return vqa_accuracy(annotations, predictions, rules=args.rules, allow_missing=args.allow_missing)
+    return vqa_accuracy(anns, preds, rules=rules, allow_missing=allow_missing)
+
+
+def evaluate_gqa(questions: Path, predictions: Path, choices: Path | None = None,
+                 allow_missing: bool = False) -> dict:
+    """Official GQA metrics of a [{questionId, prediction}] file."""
+    preds = read_gqa_predictions(_existing(Path(predictions), "--predictions"))
+    qs = read_gqa_questions(_existing(Path(questions), "--questions"))
+    ch = None if choices is None else read_gqa_choices(_existing(Path(choices), "--choices"))
+    return gqa_metrics(qs, preds, ch, allow_missing=allow_missing)
+
+
+def evaluate_nlvr2(data: Path, predictions: Path, allow_missing: bool = False) -> dict:
+    """NLVR2 accuracy and consistency of an `identifier,True|False` CSV."""
+    preds = read_nlvr2_predictions(_existing(Path(predictions), "--predictions"))
+    examples = read_nlvr2(_existing(Path(data), "--data"))
+    return nlvr2_metrics(examples, preds, allow_missing=allow_missing)
+
+
+def _vqa(args: argparse.Namespace) -> dict:
+    return evaluate_vqa(args.annotations, args.predictions, args.questions, args.rules, args.allow_missing)
 
 
 def _gqa(args: argparse.Namespace) -> dict:
-    predictions = read_gqa_predictions(_existing(args.predictions, "--predictions"))
-    questions = read_gqa_questions(_existing(args.questions, "--questions"))
-    choices = None if args.choices is None else read_gqa_choices(_existing(args.choices, "--choices"))
-    return gqa_metrics(questions, predictions, choices, allow_missing=args.allow_missing)
+    return evaluate_gqa(args.questions, args.predictions, args.choices, args.allow_missing)
 
 
 def _nlvr2(args: argparse.Namespace) -> dict:
-    predictions = read_nlvr2_predictions(_existing(args.predictions, "--predictions"))
-    examples = read_nlvr2(_existing(args.data, "--data"))
-    return nlvr2_metrics(examples, predictions, allow_missing=args.allow_missing)
+    return evaluate_nlvr2(args.data, args.predictions, args.allow_missing)
 
 
 def build_parser() -> argparse.ArgumentParser:
