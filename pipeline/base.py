@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +71,8 @@ def _problems(task: luigi.Task) -> list[str]:
                 what = {"file": "file", "dir": "directory", "any": "path"}[param.kind]
                 found.append(f"{task.get_task_family()}: parameter '{name}' names {what} '{p}', "
                              f"which does not exist")
+    if hasattr(task, "input_problems"):
+        found.extend(task.input_problems())
     return found
 
 
@@ -161,26 +164,35 @@ class PipelineTask(luigi.Task):
 
     def run(self) -> None:
         final = self.output_dir()
-        with exclusive(final.with_name(final.name + ".lock"), str(self)):
+        with exclusive(workdir() / ".locks" / f"{self.get_task_family()}-{final.name}.lock", str(self)):
             if final.exists():
                 return
             partial = self.partial_dir()
+            resumed = partial.exists()
             partial.mkdir(parents=True, exist_ok=True)
+            print(f"[lxmert] {self.get_task_family()} {final.name}: {'resuming' if resumed else 'started'}",
+                  flush=True)
+            start = time.perf_counter()
             self.build(partial)
+            seconds = round(time.perf_counter() - start, 2)
             record = {"task": self.get_task_family(), "params": self.to_str_params(only_significant=True),
-                      "signature": self.signature(),
+                      "signature": self.signature(), "seconds": seconds,
                       "inputs": [d.output().path for d in flatten(self.dependencies())]}
             (partial / "task.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
             os.replace(partial, final)
+            print(f"[lxmert] {self.get_task_family()} {final.name}: done in {seconds} s -> {final}", flush=True)
 
     def input_dirs(self) -> Any:
         """The upstream output folders as Paths, shaped like dependencies()."""
-        return _as_paths(luigi.task.getpaths(self.dependencies()))
+        return paths_of(self.dependencies())
 
 
-def _as_paths(struct: Any) -> Any:
-    if isinstance(struct, dict):
-        return {k: _as_paths(v) for k, v in struct.items()}
-    if isinstance(struct, (list, tuple)):
-        return [_as_paths(v) for v in struct]
-    return Path(struct.path)
+def paths_of(tasks: Any) -> Any:
+    """The output folders of a structure of tasks (dict / list / task) as Paths, in the same shape."""
+    def convert(struct: Any) -> Any:
+        if isinstance(struct, dict):
+            return {k: convert(v) for k, v in struct.items()}
+        if isinstance(struct, (list, tuple)):
+            return [convert(v) for v in struct]
+        return Path(struct.path)
+    return convert(luigi.task.getpaths(tasks))

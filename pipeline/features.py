@@ -1,0 +1,178 @@
+"""Luigi tasks that make, import and check region-feature files (the HDF5 feature store)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import luigi
+
+from extractor.extract import extract_features
+from extractor.images import list_images
+from extractor.store import failures_path, merge, validate
+from extractor.tsv import import_tsv
+from pipeline.base import InputPathParameter, PipelineTask, paths_of
+from pipeline.data import GenerateDemoWorld
+from pipeline.detector import TrainDetector
+
+FEATURES = "features.h5"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+class ExtractionParams:
+    """The parameters ExtractFeatures and its shards share (their names are part of the interface)."""
+
+    images = InputPathParameter(default="", optional=True,
+                                description="a folder of images or a list file; empty: the demo world")
+    weights = InputPathParameter(default="", kind="file", optional=True,
+                                 description="Detectron2-format detector weights; empty: TrainDetector")
+    config = luigi.Parameter(default="", description="detector config name or YAML; empty: VG-R101-C4, "
+                                                     "or TrainDetector's config when it gives the weights")
+    boxes = luigi.IntParameter(default=36, description="boxes per image; 0: adaptive min_boxes..max_boxes")
+    min_boxes = luigi.IntParameter(default=10)
+    max_boxes = luigi.IntParameter(default=100)
+    selection = luigi.ChoiceParameter(choices=["caffe", "maxnms"], default="caffe")
+    dtype = luigi.ChoiceParameter(choices=["float16", "float32"], default="float16")
+    max_failure_ratio = luigi.FloatParameter(default=0.05)
+    device = luigi.Parameter(default="cpu", significant=False)
+    batch_size = luigi.IntParameter(default=1, significant=False)
+    workers = luigi.IntParameter(default=-1, significant=False,
+                                 description="image-decoding DataLoader workers; -1: automatic")
+
+    def extraction_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in (
+            "images", "weights", "config", "boxes", "min_boxes", "max_boxes", "selection", "dtype",
+            "max_failure_ratio", "device", "batch_size", "workers")}
+
+    def input_problems(self) -> list[str]:
+        cfg = str(self.config)
+        if cfg.endswith((".yaml", ".yml")) and not Path(cfg).is_file():
+            return [f"{self.get_task_family()}: parameter 'config' names file '{cfg}', which does not exist"]
+        return []
+
+    def sources(self) -> dict[str, Any]:
+        deps: dict[str, Any] = {}
+        if not self.images:
+            deps["world"] = GenerateDemoWorld()
+        if not self.weights:
+            deps["detector"] = TrainDetector()
+        return deps
+
+    def resolved_images(self) -> str:
+        """The image folder or list, the demo world's folder when none is given."""
+        return self.images or str(paths_of(self.sources())["world"] / "world")
+
+    def resolved(self) -> dict[str, Any]:
+        """Image source, weights file and detector config after filling the demo defaults."""
+        inputs = paths_of(self.sources())
+        images = self.resolved_images()
+        if self.weights:
+            weights, config = self.weights, self.config or "VG-R101-C4"
+        else:
+            weights = str(inputs["detector"] / TrainDetector.WEIGHTS)
+            config = self.config or str(inputs["detector"] / TrainDetector.CONFIG)
+        return {"images": images, "weights": weights, "config": config}
+
+
+class ExtractFeaturesShard(ExtractionParams, PipelineTask):
+    """Features of one contiguous block of the image list; resumes from its partial folder after a kill."""
+
+    shard = luigi.IntParameter(default=0)
+    shards = luigi.IntParameter(default=1)
+
+    def dependencies(self) -> Any:
+        return self.sources()
+
+    def build(self, out: Path) -> None:
+        if not 0 <= self.shard < self.shards:
+            raise ValueError(f"ExtractFeaturesShard: shard {self.shard} is outside 0..{self.shards - 1}")
+        src = self.resolved()
+        paths = list_images(src["images"])
+        lo, hi = len(paths) * self.shard // self.shards, len(paths) * (self.shard + 1) // self.shards
+        boxes = {"boxes": self.boxes} if self.boxes > 0 else {"min_boxes": self.min_boxes,
+                                                              "max_boxes": self.max_boxes}
+        summary = extract_features(
+            paths[lo:hi], src["weights"], out / FEATURES, config=src["config"], selection=self.selection,
+            device=self.device, batch_size=self.batch_size, dtype=self.dtype,
+            num_workers=None if self.workers < 0 else self.workers,
+            max_failure_ratio=self.max_failure_ratio, progress=False, **boxes)
+        _write_json(out / "summary.json", {**summary, "shard": self.shard, "shards": self.shards,
+                                           "first": lo, "stop": hi})
+
+
+class ExtractFeatures(ExtractionParams, PipelineTask):
+    """Region features of every image in one HDF5 file, made by `shards` shard tasks run in parallel."""
+
+    shards = luigi.IntParameter(default=1)
+    merge_mode = luigi.ChoiceParameter(choices=["copy", "virtual"], default="copy",
+                                       description="virtual: an HDF5 virtual dataset over the shard files")
+
+    def dependencies(self) -> Any:
+        if self.shards < 1:
+            raise ValueError(f"ExtractFeatures: shards must be >= 1, got {self.shards}")
+        return [ExtractFeaturesShard(shard=i, shards=self.shards, **self.extraction_params())
+                for i in range(self.shards)]
+
+    def build(self, out: Path) -> None:
+        shard_files = [d / FEATURES for d in self.input_dirs()]
+        target = out / FEATURES
+        for stale in (target, failures_path(target)):
+            stale.unlink(missing_ok=True)
+        if not (len(shard_files) == 1 and self.merge_mode == "copy" and _link(shard_files[0], target)):
+            merge(shard_files, target, virtual=self.merge_mode == "virtual")
+        shards = [json.loads((d / "summary.json").read_text()) for d in self.input_dirs()]
+        _write_json(out / "summary.json", {"images": sum(s["stored"] for s in shards),
+                                           "failed": sum(s["failed"] for s in shards), "shards": shards})
+
+    @staticmethod
+    def path(output_dir: Path) -> Path:
+        """The feature file inside an ExtractFeatures / ImportTSVFeatures output folder."""
+        return output_dir / FEATURES
+
+
+def _link(src: Path, dst: Path) -> bool:
+    """Hard-link a finished single shard (and its failures) instead of copying it; False across devices."""
+    try:
+        os.link(src, dst)
+        if failures_path(src).exists():
+            os.link(failures_path(src), failures_path(dst))
+    except OSError:
+        dst.unlink(missing_ok=True)
+        failures_path(dst).unlink(missing_ok=True)
+        return False
+    return True
+
+
+class ImportTSVFeatures(PipelineTask):
+    """An existing LXMERT (10-field) or Caffe (6-field) TSV converted into the feature store."""
+
+    tsv = InputPathParameter(kind="file")
+    dtype = luigi.ChoiceParameter(choices=["float16", "float32"], default="float32")
+
+    def build(self, out: Path) -> None:
+        summary = import_tsv(self.tsv, out / FEATURES, dtype=self.dtype)
+        _write_json(out / "summary.json", summary)
+
+
+class ValidateFeatures(PipelineTask):
+    """Checks a feature file (schema, NaN/Inf, box bounds, padding, duplicate ids); fails on any problem."""
+
+    features = InputPathParameter(default="", kind="file", optional=True,
+                                  description="an .h5 feature file; empty: ExtractFeatures' output")
+    boxes = luigi.IntParameter(default=0, description="expected K; 0: any")
+    dim = luigi.IntParameter(default=0, description="expected feature size D; 0: any")
+
+    def dependencies(self) -> Any:
+        return {} if self.features else {"features": ExtractFeatures()}
+
+    def build(self, out: Path) -> None:
+        path = Path(self.features) if self.features else self.input_dirs()["features"] / FEATURES
+        problems = validate(path, boxes=self.boxes or None, dim=self.dim or None)
+        _write_json(out / "report.json", {"file": str(path), "problems": problems})
+        if problems:
+            raise ValueError(f"ValidateFeatures: {path} has {len(problems)} problem(s):\n  "
+                             + "\n  ".join(problems[:20]))

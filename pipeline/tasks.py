@@ -1,0 +1,26 @@
+"""The product's front door: `luigi --module pipeline.tasks <Task>` (defaults in luigi.cfg)."""
+from pipeline.data import (
+    BuildGQAData,
+    BuildNLVR2Data,
+    BuildPretrainCorpus,
+    BuildTaskData,
+    BuildVQAData,
+    GenerateDemoWorld,
+)
+from pipeline.detector import TrainDetector
+from pipeline.features import ExtractFeatures, ExtractFeaturesShard, ImportTSVFeatures, ValidateFeatures
+from pipeline.report import Report, RunAll
+from pipeline.training import (
+    EvaluateGQA,
+    EvaluateNLVR2,
+    EvaluateVQA,
+    FinetuneGQA,
+    FinetuneNLVR2,
+    FinetuneVQA,
+    PretrainLXMERT,
+)
+
+__all__ = ["BuildGQAData", "BuildNLVR2Data", "BuildPretrainCorpus", "BuildTaskData", "BuildVQAData",
+           "EvaluateGQA", "EvaluateNLVR2", "EvaluateVQA", "ExtractFeatures", "ExtractFeaturesShard",
+           "FinetuneGQA", "FinetuneNLVR2", "FinetuneVQA", "GenerateDemoWorld", "ImportTSVFeatures",
+           "PretrainLXMERT", "Report", "RunAll", "TrainDetector", "ValidateFeatures"]

@@ -1,0 +1,82 @@
+"""The run report: the paper's ablation table (pretrained vs from scratch vs majority), the detector,
+loss curves and images with their detected boxes, as Markdown, HTML and summary.json."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.jsonstream import write_json_atomic, write_text_atomic
+
+TASKS = ("vqa", "gqa", "nlvr2")
+TITLES = {"vqa": "VQA v2 (accuracy, official)", "gqa": "GQA (accuracy, official)",
+          "nlvr2": "NLVR2 (accuracy)"}
+
+
+def summarize(evaluations: dict[str, dict[str, dict[str, Any]]], detector: dict[str, Any] | None,
+              seconds: float) -> dict[str, Any]:
+    """summary.json: wall time, detector mAP and per task the pretrained / scratch / majority accuracy (%)."""
+    summary: dict[str, Any] = {"seconds": round(seconds, 1),
+                               "detector": {"map50": detector.get("map50") if detector else None}}
+    for task in TASKS:
+        runs = evaluations.get(task, {})
+        any_run = next(iter(runs.values()), None)
+        summary[task] = {"pretrained": runs["pretrained"]["accuracy"] if "pretrained" in runs else None,
+                         "scratch": runs["scratch"]["accuracy"] if "scratch" in runs else None,
+                         "majority": any_run["majority_accuracy"] if any_run else None}
+    return summary
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _table(summary: dict[str, Any]) -> list[list[str]]:
+    rows = [["task", "pretrained + fine-tuned", "from scratch", "majority answer"]]
+    for task in TASKS:
+        s = summary[task]
+        rows.append([TITLES[task], _fmt(s["pretrained"]), _fmt(s["scratch"]), _fmt(s["majority"])])
+    return rows
+
+
+def write_report(out: Path, summary: dict[str, Any], *, title: str, details: dict[str, Any],
+                 curves: list[Path], detections: list[tuple[Path, str]]) -> dict[str, Path]:
+    """Write report.md, report.html and summary.json into `out`; images are paths relative to `out`."""
+    rows = _table(summary)
+    md = [f"# {title}", "", f"Total time: {summary['seconds']:.0f} s.", ""]
+    if summary["detector"]["map50"] is not None:
+        md += [f"Detector trained here: mAP@0.5 = {100 * summary['detector']['map50']:.1f} on its val images.", ""]
+    md += ["## Accuracy on the val split (%)", ""]
+    md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    md += ["", "## Details", "", "```json", json.dumps(details, indent=1, sort_keys=True), "```", ""]
+    if curves:
+        md += ["## Loss curves", ""] + [f"![{p.stem}]({p.as_posix()})" for p in curves] + [""]
+    if detections:
+        md += ["## Detected boxes", ""] + [f"![{c}]({p.as_posix()})" for p, c in detections] + [""]
+
+    def cells(row: list[str], tag: str) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
+
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #999;padding:4px 8px}img{max-width:100%}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1><p>Total time: {summary['seconds']:.0f} s.</p>"]
+    if summary["detector"]["map50"] is not None:
+        page.append(f"<p>Detector mAP@0.5: {100 * summary['detector']['map50']:.1f}</p>")
+    page += ["<h2>Accuracy on the val split (%)</h2><table>", cells(rows[0], "th")]
+    page += [cells(r, "td") for r in rows[1:]] + ["</table>"]
+    page.append(f"<h2>Details</h2><pre>{html.escape(json.dumps(details, indent=1, sort_keys=True))}</pre>")
+    if curves:
+        page += ["<h2>Loss curves</h2>"] + [f"<img src='{html.escape(p.as_posix())}'>" for p in curves]
+    if detections:
+        page += ["<h2>Detected boxes</h2>"] + [
+            f"<figure><img src='{html.escape(p.as_posix())}'><figcaption>{html.escape(c)}</figcaption></figure>"
+            for p, c in detections]
+    page.append("</body></html>")
+    paths = {"markdown": out / "report.md", "html": out / "report.html", "summary": out / "summary.json"}
+    write_text_atomic(paths["markdown"], "\n".join(md))
+    write_text_atomic(paths["html"], "\n".join(page))
+    write_json_atomic(paths["summary"], summary, indent=1)
+    return paths
