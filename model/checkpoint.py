@@ -6,10 +6,12 @@ All three are read into one key layout, transformers' (`lxmert.` backbone, `cls.
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,12 +39,24 @@ class LoadingInfo:
     mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
 
 
+def load_torch(path: str | Path) -> Any:
+    """torch.load with weights_only=True, so no code in the file runs; a refusal names the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"WeightsUnpickler error: (.*?)\.(\s|$)", str(e))
+        what = found.group(1) if found else str(e).splitlines()[0]
+        raise pickle.UnpicklingError(
+            f"{path}: refused to load ({what}); torch files are read with weights_only=True: tensors and "
+            "plain containers only, so no code in a file runs") from None
+
+
 def read_weights(path: str | Path) -> dict[str, Tensor]:
     """Read a .safetensors file or a torch pickle of tensors (weights_only: no code runs on load)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path)
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):

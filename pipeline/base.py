@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,8 @@ from typing import Any
 import luigi
 import luigi.configuration
 from luigi.task import flatten
+
+from tasks.jsonstream import iter_jsonl, load_json
 
 WORKDIR_ENV = "LXMERT_WORKDIR"
 
@@ -49,7 +51,8 @@ class InputPathListParameter(_InputPath, luigi.ListParameter):
 
 
 class InputPathError(FileNotFoundError):
-    """An input named by a parameter is missing; the message names the task, the parameter and the path."""
+    """An input named by a parameter is missing or unreadable; the message names the task, the parameter
+    and the path (and the line of a list file)."""
 
 
 def _problems(task: luigi.Task) -> list[str]:
@@ -80,7 +83,7 @@ _CHECKED: set[str] = set()
 
 
 def check_inputs(root: luigi.Task) -> None:
-    """Walk the whole graph under `root` and fail before any work if an input path is missing."""
+    """Walk the whole graph under `root` and fail before any work if an input is missing or unreadable."""
     if root.task_id in _CHECKED:
         return
     seen: set[str] = set()
@@ -97,8 +100,98 @@ def check_inputs(root: luigi.Task) -> None:
         else:
             stack.extend(flatten(task.requires()))
     if problems:
-        raise InputPathError("missing inputs, nothing was run:\n  " + "\n  ".join(problems))
+        raise InputPathError("inputs missing or unreadable, nothing was run:\n  " + "\n  ".join(_merged(problems)))
     _CHECKED.update(seen)
+
+
+def _merged(problems: list[str]) -> list[str]:
+    """One line per problem: tasks that share a parameter (a task and its shards) report it together."""
+    families: dict[str, list[str]] = {}
+    for line in problems:
+        family, _, what = line.partition(": ")
+        families.setdefault(what, [])
+        if family not in families[what]:
+            families[what].append(family)
+    return [f"{' / '.join(names)}: {what}" for what, names in families.items()]
+
+
+# ---------------------------------------------------------------- cheap checks of input contents
+
+JSON_PARSE_LIMIT = 16 * 2**20
+"""JSON inputs up to this many bytes are parsed in full before any work; larger ones (raw dataset files of
+hundreds of MB) only have their first non-space character checked, so the check stays cheap."""
+
+
+def _reason(path: Path, exc: Exception) -> str:
+    text = str(exc)
+    return text if str(path) in text else f"{path}: {text}"
+
+
+def json_check(top: str) -> Callable[[Path], str | None]:
+    """A check of a JSON input: top is "[" (a list), "{" (an object) or "jsonl" (JSON lines of objects).
+
+    A folder (GQA's chunked question files) is checked file by file.
+    """
+    want = "{" if top == "jsonl" else top
+    kind = "JSON lines" if top == "jsonl" else "a JSON list" if top == "[" else "a JSON object"
+
+    def check_file(path: Path) -> str | None:
+        size = path.stat().st_size
+        if size == 0:
+            return f"{path}: empty file, expected {kind}"
+        if size > JSON_PARSE_LIMIT:
+            with open(path, "rb") as f:
+                first = f.read(4096).decode("utf-8-sig", errors="replace").lstrip()[:1]
+            if first != want:
+                return (f"{path}: starts with {first!r}, not {want!r} as {kind} does (over "
+                        f"{JSON_PARSE_LIMIT:,} bytes: only the first character is checked)")
+            return None
+        if top == "jsonl":
+            for _ in iter_jsonl(path):
+                pass
+            return None
+        value = load_json(path)
+        if not isinstance(value, list if top == "[" else dict):
+            return f"{path}: expected {kind}, found a JSON {type(value).__name__}"
+        return None
+
+    def check(path: Path) -> str | None:
+        if not path.is_dir():
+            return check_file(path)
+        files = sorted(path.glob("*.json"))
+        if not files:
+            return f"{path}: folder holds no .json files"
+        return next((r for r in map(check_file, files) if r), None)
+
+    return check
+
+
+def reads(reader: Callable[[Path], Any]) -> Callable[[Path], None]:
+    """A check that `reader` accepts the path; what it raises is the message."""
+    def check(path: Path) -> None:
+        reader(path)
+    return check
+
+
+def param_problems(task: luigi.Task, name: str, check: Callable[[Path], str | None]) -> list[str]:
+    """Run `check` on every existing path the parameter `name` gives; one message per bad path.
+
+    Missing paths are skipped: the existence check of InputPathParameter reports them. `check` returns
+    None when the path is fine, else a message naming the path; OSError / ValueError count as messages.
+    """
+    value = getattr(task, name)
+    found = []
+    for v in (list(value) if isinstance(value, (list, tuple)) else [value]):
+        path = Path(str(v))
+        if not str(v) or not path.exists():
+            continue
+        try:
+            reason = check(path)
+        except (OSError, ValueError) as e:
+            reason = _reason(path, e)
+        if reason:
+            found.append(f"{task.get_task_family()}: parameter '{name}': {reason}")
+    return found
 
 
 def _signature(task: luigi.Task) -> str:

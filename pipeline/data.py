@@ -7,7 +7,14 @@ from typing import Any
 
 import luigi
 
-from pipeline.base import InputPathListParameter, InputPathParameter, PipelineTask
+from pipeline.base import (
+    InputPathListParameter,
+    InputPathParameter,
+    PipelineTask,
+    json_check,
+    param_problems,
+    reads,
+)
 from tasks.answers import (
     AnswerTable,
     build_gqa_table,
@@ -46,12 +53,37 @@ class RawDataTask(PipelineTask):
     """A task over raw dataset files; when none of `raw_params` is given it reads the demo world."""
 
     raw_params: tuple[str, ...] = ()
+    json_inputs: dict[str, str] = {}  # parameter -> its JSON form: "[" list, "{" object, "jsonl" lines
+    id_lists: tuple[str, ...] = ()  # parameters naming image id lists (text or JSON)
 
     def uses_demo(self) -> bool:
         return not any(getattr(self, name) for name in self.raw_params)
 
     def dependencies(self) -> Any:
         return {"world": GenerateDemoWorld()} if self.uses_demo() else {}
+
+    def input_problems(self) -> list[str]:
+        """The raw JSON files parse (see pipeline.base.json_check) and the image id lists read."""
+        problems = [line for name, top in self.json_inputs.items()
+                    for line in param_problems(self, name, json_check(top))]
+        for name in self.id_lists:
+            problems += param_problems(self, name, reads(lambda p: read_img_id_list(p, numbers_as=None)))
+        return problems
+
+    def paired(self, first: str, second: str) -> list[str]:
+        """`first` and `second` list matching files (questions and their annotations)."""
+        a, b = getattr(self, first), getattr(self, second)
+        if len(a) != len(b):
+            return [f"{self.get_task_family()}: parameters '{first}' and '{second}' must pair up "
+                    f"({len(a)} vs {len(b)} files)"]
+        return []
+
+    def required(self, *names: str) -> list[str]:
+        """With raw data (not the demo world) each of `names` must be given."""
+        if self.uses_demo():
+            return []
+        return [f"{self.get_task_family()}: parameter '{n}' is required when raw data are given "
+                f"({', '.join(self.raw_params)})" for n in names if not getattr(self, n)]
 
     def world(self, *keys: str) -> Path:
         """A file of the demo world's manifest (only when uses_demo())."""
@@ -81,6 +113,12 @@ class BuildPretrainCorpus(RawDataTask):
     answer_min_count = luigi.IntParameter(default=9)
 
     raw_params = ("coco_captions", "vqa_questions", "vg_regions", "vg_qas", "gqa_questions")
+    json_inputs = {"coco_captions": "{", "vqa_questions": "{", "vqa_annotations": "{", "vg_regions": "[",
+                   "vg_qas": "[", "vg_image_data": "[", "gqa_questions": "{"}
+    id_lists = ("minival", "exclude")
+
+    def input_problems(self) -> list[str]:
+        return super().input_problems() + self.paired("vqa_questions", "vqa_annotations")
 
     def sources(self) -> dict[str, Any]:
         """The raw files to read, from the parameters or from the demo world."""
@@ -169,6 +207,12 @@ class BuildVQAData(TaskData):
                                              "empty: all of val is evaluated")
 
     raw_params = ("train_questions", "val_questions")
+    json_inputs = {"train_questions": "{", "train_annotations": "{", "val_questions": "{", "val_annotations": "{"}
+    id_lists = ("minival",)
+
+    def input_problems(self) -> list[str]:
+        return (super().input_problems() + self.paired("train_questions", "train_annotations")
+                + self.required("train_questions", "train_annotations", "val_questions", "val_annotations"))
 
     def build(self, out: Path) -> None:
         if self.uses_demo():
@@ -205,6 +249,10 @@ class BuildGQAData(TaskData):
     answer_min_count = luigi.IntParameter(default=1)
 
     raw_params = ("train_questions", "valid_questions")
+    json_inputs = {"train_questions": "{", "valid_questions": "{", "valid_choices": "{"}
+
+    def input_problems(self) -> list[str]:
+        return super().input_problems() + self.required("train_questions", "valid_questions")
 
     def build(self, out: Path) -> None:
         if self.uses_demo():
@@ -231,6 +279,10 @@ class BuildNLVR2Data(TaskData):
     valid = InputPathParameter(default="", kind="file", optional=True, description="dev.json or test1.json")
 
     raw_params = ("train", "valid")
+    json_inputs = {"train": "jsonl", "valid": "jsonl"}
+
+    def input_problems(self) -> list[str]:
+        return super().input_problems() + self.required("train", "valid")
 
     def build(self, out: Path) -> None:
         if self.uses_demo():

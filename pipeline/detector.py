@@ -15,6 +15,17 @@ from tasks.demo import read_manifest
 from tasks.readers import read_img_id_list
 
 
+def detector_config_problems(task: luigi.Task) -> list[str]:
+    """The task's `config` (a config name or a YAML file) does not load: unknown name, missing file, bad YAML."""
+    if not task.config:
+        return []
+    try:
+        DetectorConfig.load(task.config)
+    except (OSError, ValueError) as e:
+        return [f"{task.get_task_family()}: parameter 'config': {e}"]
+    return []
+
+
 class TrainDetector(RawDataTask):
     """Trains the bottom-up-attention architecture on Visual Genome-format boxes; reports mAP@0.5 on val."""
 
@@ -33,17 +44,19 @@ class TrainDetector(RawDataTask):
     lr = luigi.FloatParameter(default=5e-3)
     seed = luigi.IntParameter(default=0)
     device = luigi.Parameter(default="cpu", significant=False)
-    workers = luigi.IntParameter(default=0, significant=False)
+    data_workers = luigi.IntParameter(default=0, significant=False, description="DataLoader workers")
 
     raw_params = ("objects",)
+    json_inputs = {"objects": "[", "attributes": "["}
+    id_lists = ("val_ids",)
 
     def input_problems(self) -> list[str]:
-        problems = []
+        problems = super().input_problems()
         if not self.uses_demo() and not self.images:
             problems.append("TrainDetector: parameter 'images' is required when 'objects' is given")
         if not self.uses_demo() and not self.config:
             problems.append("TrainDetector: parameter 'config' is required when 'objects' is given")
-        return problems
+        return problems + detector_config_problems(self)
 
     def build(self, out: Path) -> None:
         if self.uses_demo():
@@ -60,7 +73,7 @@ class TrainDetector(RawDataTask):
         result = train_detector(cfg, images=images, objects=objects, attributes=attributes,
                                 output=out / self.WEIGHTS, metrics=out / "metrics.json", val_ids=ids,
                                 epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                                device=self.device, num_workers=self.workers, progress=False)
+                                device=self.device, num_workers=self.data_workers, progress=False)
         save_config_yaml(cfg, out / self.CONFIG)
         print(f"TrainDetector: mAP@0.5 {result['map50']} on {result['val_images']} val images "
               f"in {result['seconds']} s", flush=True)

@@ -12,9 +12,9 @@ from extractor.extract import extract_features
 from extractor.images import list_images
 from extractor.store import failures_path, merge, validate
 from extractor.tsv import import_tsv
-from pipeline.base import InputPathParameter, PipelineTask, paths_of
+from pipeline.base import InputPathParameter, PipelineTask, param_problems, paths_of
 from pipeline.data import GenerateDemoWorld
-from pipeline.detector import TrainDetector
+from pipeline.detector import TrainDetector, detector_config_problems
 
 FEATURES = "features.h5"
 
@@ -40,19 +40,18 @@ class ExtractionParams:
     max_failure_ratio = luigi.FloatParameter(default=0.05)
     device = luigi.Parameter(default="cpu", significant=False)
     batch_size = luigi.IntParameter(default=1, significant=False)
-    workers = luigi.IntParameter(default=-1, significant=False,
-                                 description="image-decoding DataLoader workers; -1: automatic")
+    decode_workers = luigi.IntParameter(default=-1, significant=False,
+                                        description="image-decoding DataLoader workers; -1: automatic")
 
     def extraction_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (
             "images", "weights", "config", "boxes", "min_boxes", "max_boxes", "selection", "dtype",
-            "max_failure_ratio", "device", "batch_size", "workers")}
+            "max_failure_ratio", "device", "batch_size", "decode_workers")}
 
     def input_problems(self) -> list[str]:
-        cfg = str(self.config)
-        if cfg.endswith((".yaml", ".yml")) and not Path(cfg).is_file():
-            return [f"{self.get_task_family()}: parameter 'config' names file '{cfg}', which does not exist"]
-        return []
+        """Every image of the folder / list file exists (naming the list line that does not), and the
+        detector config loads."""
+        return param_problems(self, "images", _image_list_problem) + detector_config_problems(self)
 
     def sources(self) -> dict[str, Any]:
         deps: dict[str, Any] = {}
@@ -78,6 +77,12 @@ class ExtractionParams:
         return {"images": images, "weights": weights, "config": config}
 
 
+def _image_list_problem(images: Path) -> str | None:
+    if not list_images(images):
+        return f"{images}: no images in it"
+    return None
+
+
 class ExtractFeaturesShard(ExtractionParams, PipelineTask):
     """Features of one contiguous block of the image list; resumes from its partial folder after a kill."""
 
@@ -98,7 +103,7 @@ class ExtractFeaturesShard(ExtractionParams, PipelineTask):
         summary = extract_features(
             paths[lo:hi], src["weights"], out / FEATURES, config=src["config"], selection=self.selection,
             device=self.device, batch_size=self.batch_size, dtype=self.dtype,
-            num_workers=None if self.workers < 0 else self.workers,
+            num_workers=None if self.decode_workers < 0 else self.decode_workers,
             max_failure_ratio=self.max_failure_ratio, progress=False, **boxes)
         _write_json(out / "summary.json", {**summary, "shard": self.shard, "shards": self.shards,
                                            "first": lo, "stop": hi})

@@ -12,7 +12,9 @@ from typing import Any
 
 import luigi
 
-from pipeline.base import InputPathListParameter, InputPathParameter, PipelineTask
+from extractor.store import FeatureReader, FeatureStoreError
+from model.checkpoint import locate
+from pipeline.base import InputPathListParameter, InputPathParameter, PipelineTask, json_check, param_problems
 from pipeline.data import BuildGQAData, BuildNLVR2Data, BuildPretrainCorpus, BuildVQAData, TaskData
 from pipeline.features import ExtractFeatures
 from tasks import finetune, pretrain
@@ -23,6 +25,7 @@ from tasks.jsonstream import load_json, write_json_atomic
 from tasks.loop import TrainConfig
 from tasks.pretrain import PretrainConfig
 from tasks.runconfig import save_json
+from tasks.weights import model_config_from
 
 INIT_CHOICES = ("pretrained", "scratch")
 
@@ -83,6 +86,36 @@ def _features(task: Any) -> list[str]:
     return list(task.features) or [str(ExtractFeatures.path(task.input_dirs()["features"]))]
 
 
+def _feature_file_problem(path: Path) -> str | None:
+    """A feature file that is not HDF5, is truncated or does not follow the schema (no data is read)."""
+    try:
+        with FeatureReader(path) as reader:
+            len(reader)
+    except FeatureStoreError as e:
+        return str(e)
+    return None
+
+
+def _model_problems(task: luigi.Task) -> list[str]:
+    """The `model` preset is unknown, or its config.json is missing or does not parse."""
+    if not task.model:
+        return []
+    label = f"{task.get_task_family()}: parameter 'model'"
+    try:
+        model_config_from(task.model, label)
+    except FileNotFoundError as e:
+        return [str(e)]
+    except (OSError, ValueError, TypeError) as e:
+        return [f"{label}: {task.model}: {e}"]
+    return []
+
+
+def _weights_problem(path: Path) -> str | None:
+    """A folder that holds no weights file (a file is only opened when training starts)."""
+    locate(path)
+    return None
+
+
 class PretrainLXMERT(TrainingParams, PipelineTask):
     """Cross-modality pretraining with the five objectives (MLM, matching, object labels, features, QA)."""
 
@@ -110,11 +143,16 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
         return deps
 
     def input_problems(self) -> list[str]:
+        """Objectives known; feature files readable; corpus and answer files parse; model and init usable."""
+        problems = []
         unknown = sorted(set(self.objectives) - set(pretrain.OBJECTIVES))
         if unknown:
-            return [f"PretrainLXMERT: parameter 'objectives' has unknown {unknown}; "
-                    f"known: {list(pretrain.OBJECTIVES)}"]
-        return []
+            problems.append(f"PretrainLXMERT: parameter 'objectives' has unknown {unknown}; "
+                            f"known: {list(pretrain.OBJECTIVES)}")
+        problems += param_problems(self, "features", _feature_file_problem)
+        for name in ("corpus", "valid_corpus", "answers"):
+            problems += param_problems(self, name, json_check("["))
+        return problems + param_problems(self, "init", _weights_problem) + _model_problems(self)
 
     def build(self, out: Path) -> None:
         if self.corpus:
@@ -157,10 +195,14 @@ class FinetuneTask(TrainingParams, PipelineTask):
         return deps
 
     def input_problems(self) -> list[str]:
-        if self.init not in INIT_CHOICES and not Path(self.init).exists():
-            return [f"{self.get_task_family()}: parameter 'init' is neither {' / '.join(INIT_CHOICES)} "
-                    f"nor an existing path: '{self.init}'"]
-        return []
+        """init is a choice or usable weights; feature files readable; model usable."""
+        problems = param_problems(self, "features", _feature_file_problem) + _model_problems(self)
+        if self.init in INIT_CHOICES:
+            return problems
+        if not Path(self.init).exists():
+            return problems + [f"{self.get_task_family()}: parameter 'init' is neither "
+                               f"{' / '.join(INIT_CHOICES)} nor an existing path: '{self.init}'"]
+        return problems + param_problems(self, "init", _weights_problem)
 
     def config(self, out: Path, eval_only: bool = False, init_from: str | None = None) -> FinetuneConfig:
         """The run's FinetuneConfig; eval_only with `init_from` evaluates given fine-tuned weights."""
@@ -217,6 +259,9 @@ class EvaluateTask(PipelineTask):
     weights = InputPathParameter(default="", optional=True,
                                  description="fine-tuned weights to evaluate instead of the Finetune task's")
     device = luigi.Parameter(default="auto", significant=False)
+
+    def input_problems(self) -> list[str]:
+        return param_problems(self, "weights", _weights_problem)
 
     def dependencies(self) -> Any:
         ft = self.finetune_task(init=self.init)

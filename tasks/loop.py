@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
+from model.checkpoint import load_torch
 from tasks.optim import OPTIMIZERS, build_optimizer, warmup_linear_schedule
 
 CHECKPOINT_FORMAT = 1
@@ -267,7 +268,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: {size} bytes on disk, manifest says {manifest['bytes']}")
     if _file_sha256(path) != manifest["sha256"]:
         raise ValueError(f"{path}: sha256 differs from its manifest")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path)
     missing = {"model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch"} - set(state)
     if missing:
         raise ValueError(f"{path}: not a training checkpoint, missing {sorted(missing)}")

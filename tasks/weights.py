@@ -7,11 +7,11 @@ our or transformers' model directories (`config.json` + weights), and the origin
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -25,14 +25,17 @@ def read_checkpoint(path: str | Path, param: str = "init_from",
     `param` and the path.
     """
     from model import LxmertConfig
-    from model.checkpoint import canonical_keys, locate, read_weights
+    from model.checkpoint import canonical_keys, load_torch, locate, read_weights
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{param}: no checkpoint at {path}")
     renames = dict(head_renames or {})
     if path.is_file() and path.suffix == ".pt" and path.with_suffix(".json").is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = load_torch(path)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"{param}: {exc}") from None
         if not isinstance(state, dict) or "model" not in state:
             raise ValueError(f"{param}: {path} is not a training checkpoint (no 'model' entry)")
         config = state.get("extra", {}).get("model_config")
@@ -40,7 +43,7 @@ def read_checkpoint(path: str | Path, param: str = "init_from",
     try:
         weights, config_file = locate(path)
         state = canonical_keys(read_weights(weights), renames)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as exc:
         raise ValueError(f"{param}: cannot read weights from {path} ({exc})") from exc
     return state, LxmertConfig.from_json_file(config_file) if config_file else None
 
@@ -60,6 +63,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "base": {},  # LXMERT base: 768 hidden, 9 / 5 / 5 layers
     "small": {"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024,
               "l_layers": 3, "x_layers": 2, "r_layers": 2},
+    "demo": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 512,  # the CPU demo
+             "l_layers": 2, "x_layers": 2, "r_layers": 1},
     "tiny": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
              "l_layers": 1, "x_layers": 1, "r_layers": 1},
 }
