@@ -49,6 +49,7 @@ class TrainingParams:
     device = luigi.Parameter(default="auto", significant=False)
     num_workers = luigi.IntParameter(default=2, significant=False)
     ckpt_every = luigi.IntParameter(default=1000, significant=False)
+    log_every = luigi.IntParameter(default=10, significant=False, description="steps per train.csv row")
     nproc_per_node = luigi.IntParameter(default=1, significant=False, description="> 1: launch torchrun")
     nnodes = luigi.IntParameter(default=1, significant=False)
     rdzv_endpoint = luigi.Parameter(default="", significant=False, description="HOST:PORT when nnodes > 1")
@@ -59,7 +60,8 @@ class TrainingParams:
                            warmup_ratio=self.warmup_ratio, optimizer=self.optimizer,
                            weight_decay=self.weight_decay, clip_grad_norm=self.clip_grad_norm, amp=self.amp,
                            device=self.device, seed=self.seed, num_workers=self.num_workers,
-                           ckpt_every=self.ckpt_every, resume=True, progress=False)
+                           ckpt_every=self.ckpt_every, log_every=self.log_every, resume=True,
+                           progress=False)
 
     def launch(self, module: Any, args: list[str], cfg: Any, out: Path) -> dict[str, Any]:
         """Run in this process, or under torchrun when several processes are asked for; returns metrics."""

@@ -575,7 +575,9 @@ def train(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *,
                 "rng": gather_objects(env, _rng_state()), "step": step, "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch, "micro_batch_size": micro_bs,
                 "world_size": env.world_size, "seed": cfg.seed, "best_value": best_value, "best": best,
-                "evals": evals, "last_losses": last_losses, "config": asdict(cfg), "extra": extra or {}}
+                "evals": evals, "last_losses": last_losses, "config": asdict(cfg), "extra": extra or {},
+                # the open logging window, so the first row after a resume averages the same steps
+                "log_window": gather_objects(env, (sums.tolist(), counts.tolist(), window_steps))}
 
     def checkpoint() -> None:
         state = state_dict()  # every rank joins the RNG gather; rank 0 writes
@@ -586,6 +588,11 @@ def train(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *,
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     counts = torch.zeros(len(names), dtype=torch.float64, device=device)
     window_start, run_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+    window = resumed[0].get("log_window") if resumed is not None else None
+    if window is not None and len(window) == env.world_size and len(window[env.rank][0]) == len(names):
+        saved_sums, saved_counts, window_steps = window[env.rank]
+        sums += torch.tensor(saved_sums, dtype=torch.float64, device=device)
+        counts += torch.tensor(saved_counts, dtype=torch.float64, device=device)
     grad_norm = torch.zeros((), device=device)
     try:
         while step < total_steps and epoch < epochs:

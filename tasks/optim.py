@@ -117,7 +117,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
             {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        fused = all(p.is_cuda for _, p in params) or None
+        # the fused kernel (CPU and CUDA) is one pass over all tensors: ~20% of a small model's step on CPU
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for _, p in params) or None
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     raise ValueError(f"optimizer: unknown {name!r}, expected one of {OPTIMIZERS}")
 

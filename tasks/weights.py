@@ -63,8 +63,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "base": {},  # LXMERT base: 768 hidden, 9 / 5 / 5 layers
     "small": {"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024,
               "l_layers": 3, "x_layers": 2, "r_layers": 2},
-    "demo": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 512,  # the CPU demo
-             "l_layers": 2, "x_layers": 2, "r_layers": 1},
+    # the CPU demo; a wider initialisation (0.05, not BERT's 0.02) shortens the plateau before the
+    # cross-attention learns which box a word refers to, about 2x on the demo's questions
+    "demo": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 512,
+             "l_layers": 2, "x_layers": 2, "r_layers": 1, "initializer_range": 0.05},
     "tiny": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
              "l_layers": 1, "x_layers": 1, "r_layers": 1},
 }

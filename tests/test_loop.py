@@ -119,6 +119,20 @@ def test_resume_in_process_continues_exactly_and_truncates_logs(tmp_path):
         run(tmp_path / "b", lr=0.1)
 
 
+def test_resume_between_log_rows_logs_the_uninterrupted_averages(tmp_path):
+    # rows every 4 steps, checkpoints every 2: the step-6 checkpoint sits inside an open logging window
+    ref_model, _ = run(tmp_path / "a", log_every=4, keep_last=4)
+    ref = rows(tmp_path / "a" / "run" / "logs" / "train.csv")
+    run(tmp_path / "b", log_every=4, keep_last=4)
+    for name in ("step-00000008.json", "step-00000008.pt"):
+        (tmp_path / "b" / "run" / "checkpoints" / name).unlink()
+    model, result = run(tmp_path / "b", log_every=4, keep_last=4)
+    again = rows(tmp_path / "b" / "run" / "logs" / "train.csv")
+    assert [r["step"] for r in again] == [r["step"] for r in ref] == ["4", "8"]
+    assert [(r["loss"], r["abs"]) for r in again] == [(r["loss"], r["abs"]) for r in ref]
+    assert torch.equal(model.weight, ref_model.weight)
+
+
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path):
     run(tmp_path)
     ckpts = tmp_path / "run" / "checkpoints"
