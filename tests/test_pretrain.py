@@ -26,14 +26,7 @@ from tasks.pretrain import (
 from tasks.synthetic import write_world
 from tasks.tokenization import load_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeRng:
