@@ -49,6 +49,18 @@ class GenerateDemoWorld(PipelineTask):
         generate_world(out / "world", seed=self.seed, config=PRESETS[self.preset], overwrite=True)
 
 
+def world_vocab(world_task_dir: Path | None) -> str | None:
+    """The demo world's own WordPiece vocabulary (docs/demo.md), given GenerateDemoWorld's output
+    folder; None without one (raw data, or a world written before worlds had it)."""
+    if world_task_dir is None:
+        return None
+    try:
+        path = world_path(world_task_dir / "world", "vocab")
+    except KeyError:
+        return None
+    return str(path) if path.is_file() else None
+
+
 class RawDataTask(PipelineTask):
     """A task over raw dataset files; when none of `raw_params` is given it reads the demo world."""
 

@@ -15,7 +15,15 @@ import luigi
 from extractor.store import FeatureReader, FeatureStoreError
 from model.checkpoint import locate
 from pipeline.base import InputPathListParameter, InputPathParameter, PipelineTask, json_check, param_problems
-from pipeline.data import BuildGQAData, BuildNLVR2Data, BuildPretrainCorpus, BuildVQAData, TaskData
+from pipeline.data import (
+    BuildGQAData,
+    BuildNLVR2Data,
+    BuildPretrainCorpus,
+    BuildVQAData,
+    GenerateDemoWorld,
+    TaskData,
+    world_vocab,
+)
 from pipeline.features import ExtractFeatures
 from tasks import finetune, pretrain
 from tasks.baselines import majority_predictions
@@ -135,6 +143,9 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
     obj_mask_rate = luigi.FloatParameter(default=0.15)
     max_seq_length = luigi.IntParameter(default=20)
     valid_examples = luigi.IntParameter(default=0)
+    vocab = InputPathParameter(default="", kind="file", optional=True,
+                               description="WordPiece vocab.txt; empty: the demo world's own with the "
+                                           "demo corpus, else BERT uncased (30,522)")
 
     def dependencies(self) -> Any:
         deps: dict[str, Any] = {}
@@ -142,6 +153,8 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
             deps["features"] = ExtractFeatures()
         if not self.corpus:
             deps["corpus"] = BuildPretrainCorpus()
+            if not self.vocab and BuildPretrainCorpus().uses_demo():
+                deps["world"] = GenerateDemoWorld()
         return deps
 
     def input_problems(self) -> list[str]:
@@ -169,7 +182,8 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
                              dropout=self.dropout if self.dropout >= 0 else None, answers=answers,
                              qa_from_epoch=self.qa_from_epoch, word_mask_rate=self.word_mask_rate,
                              obj_mask_rate=self.obj_mask_rate, max_seq_length=self.max_seq_length,
-                             train=train, **{o: o in self.objectives for o in pretrain.OBJECTIVES})
+                             vocab=self.vocab or world_vocab(self.input_dirs().get("world")), train=train,
+                             **{o: o in self.objectives for o in pretrain.OBJECTIVES})
         self.launch(pretrain, [], cfg, out)
 
 
@@ -187,6 +201,9 @@ class FinetuneTask(TrainingParams, PipelineTask):
                                                     "empty: PretrainLXMERT's, so the two compare")
     loss = luigi.ChoiceParameter(choices=["bce", "ce"], default="bce")
     max_seq_length = luigi.IntParameter(default=20)
+    vocab = InputPathParameter(default="", kind="file", optional=True,
+                               description="WordPiece vocab.txt; empty: the one saved with the initial "
+                                           "weights, from scratch PretrainLXMERT's choice, so the two compare")
 
     def dependencies(self) -> Any:
         deps: dict[str, Any] = {"data": self.data_task()}
@@ -194,7 +211,15 @@ class FinetuneTask(TrainingParams, PipelineTask):
             deps["features"] = ExtractFeatures()
         if self.init == "pretrained":
             deps["pretrain"] = PretrainLXMERT()
+        elif self.init == "scratch" and not self.vocab:
+            pretrain = PretrainLXMERT()
+            if not pretrain.corpus and not pretrain.vocab and BuildPretrainCorpus().uses_demo():
+                deps["world"] = GenerateDemoWorld()
         return deps
+
+    def scratch_vocab(self) -> str | None:
+        """From scratch, the vocabulary PretrainLXMERT would use (explicit, or the demo world's)."""
+        return PretrainLXMERT().vocab or world_vocab(self.input_dirs().get("world"))
 
     def input_problems(self) -> list[str]:
         """init is a choice or usable weights; feature files readable; model usable."""
@@ -223,7 +248,9 @@ class FinetuneTask(TrainingParams, PipelineTask):
             model=self.model or PretrainLXMERT().model, init_from=init_from,
             pretrain_answers=str(pretrain_dir / "answers.json") if pretrain_dir else None,
             loss=self.loss, dropout=self.dropout if self.dropout >= 0 else None,
-            max_seq_length=self.max_seq_length, eval_only=eval_only, train=self.train_config(out))
+            max_seq_length=self.max_seq_length, eval_only=eval_only, train=self.train_config(out),
+            # otherwise the vocab.txt saved beside init_from's weights, or BERT's
+            vocab=self.vocab or (self.scratch_vocab() if init_from is None else None))
 
     def build(self, out: Path) -> None:
         self.launch(finetune, [self.task_name], self.config(out), out)

@@ -67,8 +67,8 @@ from tasks.readers import (
     read_vqa_annotations,
 )
 from tasks.runconfig import parse_config, save_json
-from tasks.tokenization import load_tokenizer
-from tasks.weights import load_weights, model_config_from, read_checkpoint
+from tasks.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
+from tasks.weights import export_with_vocab, fit_vocab, load_weights, model_config_from, read_checkpoint
 
 TASKS = ("vqa", "gqa", "nlvr2")
 IGNORE = -100
@@ -280,8 +280,10 @@ def answer_table(cfg: FinetuneConfig) -> AnswerTable | None:
     return default_vqa_table() if cfg.task == "vqa" else default_gqa_table()
 
 
-def build_model(cfg: FinetuneConfig, feature_dim: int, table: AnswerTable | None) -> nn.Module:
-    """The task network, from scratch (`model` sizes) or from `init_from`.
+def build_model(cfg: FinetuneConfig, feature_dim: int, table: AnswerTable | None,
+                vocab_size: int | None = None) -> nn.Module:
+    """The task network, from scratch (`model` sizes) or from `init_from`; `vocab_size` is the
+    tokenizer's (a fresh network's word embedding gets exactly that size).
 
     With a pretraining checkpoint and `init_qa_head`, the QA head's hidden layers are copied and
     each answer row taken from the pretraining row of the same answer (zero when absent), as the
@@ -303,6 +305,8 @@ def build_model(cfg: FinetuneConfig, feature_dim: int, table: AnswerTable | None
         config.num_qa_labels = len(table)
     if cfg.dropout is not None:
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.dropout
+    if vocab_size is not None:
+        fit_vocab(config, vocab_size, bool(cfg.init_from), cfg.init_from or "model")
     model = cls(config)
     if not cfg.init_from:
         return model
@@ -406,7 +410,7 @@ def run(cfg: FinetuneConfig, env: DistEnv | None = None) -> dict[str, Any]:
         save_json(cfg, out / "config.json")
     torch.manual_seed(cfg.train.seed)
     stores = open_stores(cfg.features)
-    tokenizer = load_tokenizer(cfg.vocab)
+    tokenizer = load_tokenizer(cfg.vocab or vocab_beside(cfg.init_from))
     table = answer_table(cfg)
     load = _loader_for(cfg.task)
 
@@ -416,7 +420,7 @@ def run(cfg: FinetuneConfig, env: DistEnv | None = None) -> dict[str, Any]:
             return entries, NLVR2Dataset(entries, stores, tokenizer, cfg.max_seq_length, cfg.max_boxes)
         return entries, QADataset(entries, stores, tokenizer, table, cfg.max_seq_length, cfg.max_boxes)
 
-    model = build_model(cfg, stores[0].feature_dim, table)
+    model = build_model(cfg, stores[0].feature_dim, table, len(tokenizer.vocab))
     valid_entries, valid_set = dataset(cfg.valid_files) if cfg.valid_files else ([], None)
     metrics: dict[str, Any] = {"task": cfg.task}
 
@@ -437,6 +441,7 @@ def run(cfg: FinetuneConfig, env: DistEnv | None = None) -> dict[str, Any]:
             return _flat(evaluate(m)[0])
 
         result = train(model, train_set, cfg.train, collate_fn=collate_task, step_fn=make_step(cfg),
+                       export_fn=export_with_vocab(tokenizer_tokens(tokenizer)),
                        eval_fn=eval_fn if valid_set is not None else None,
                        best_metric=(key, "max") if valid_set is not None else None,
                        extra={"model_config": model.config.to_dict()}, env=env)

@@ -44,8 +44,8 @@ from tasks.loop import (
     train,
 )
 from tasks.runconfig import parse_config, save_json
-from tasks.tokenization import load_tokenizer
-from tasks.weights import load_weights, model_config_from, read_checkpoint
+from tasks.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
+from tasks.weights import export_with_vocab, fit_vocab, load_weights, model_config_from, read_checkpoint
 
 IGNORE = -100  # target value every loss skips (transformers' convention; the model also skips -1)
 SOURCES = ("mscoco", "vg", "vqa", "gqa", "visual7w")
@@ -386,14 +386,40 @@ def model_config(cfg: PretrainConfig, feature_dim: int, num_answers: int, base: 
     return config
 
 
-def build_model(cfg: PretrainConfig, feature_dim: int, num_answers: int) -> nn.Module:
-    """A fresh pretraining network (the original trains from scratch), or one continuing init_from."""
+def detector_label_counts(stores: Sequence[FeatureReader]) -> tuple[int, int] | None:
+    """(object classes, attributes) of the detector that wrote every feature file, when the files
+    record it (our extractor does) and agree; None otherwise."""
+    counts = set()
+    for store in stores:
+        det = store.attrs.get("detector_config")
+        if not isinstance(det, dict) or not det.get("num_classes") or not det.get("num_attributes"):
+            return None
+        counts.add((int(det["num_classes"]), int(det["num_attributes"])))
+    return counts.pop() if len(counts) == 1 else None
+
+
+def build_model(cfg: PretrainConfig, feature_dim: int, num_answers: int, vocab_size: int | None = None,
+                labels: tuple[int, int] | None = None) -> nn.Module:
+    """A fresh pretraining network (the original trains from scratch), or one continuing init_from.
+
+    A fresh network is sized for its data: the word embedding for the tokenizer (`vocab_size`) and
+    the object / attribute heads for the detector's label sets (`labels`; 1600 / 400 with the Visual
+    Genome detector, 7 / 9 with the demo's), so no logits are computed for labels that cannot occur.
+    """
     from model import LxmertForPreTraining
 
     if not cfg.init_from:
-        return LxmertForPreTraining(model_config(cfg, feature_dim, num_answers))
+        config = model_config(cfg, feature_dim, num_answers)
+        if vocab_size is not None:
+            fit_vocab(config, vocab_size, False, "model")
+        if labels is not None:
+            config.num_object_labels, config.num_attr_labels = labels
+        return LxmertForPreTraining(config)
     state, base = read_checkpoint(cfg.init_from, "init_from")
-    model = LxmertForPreTraining(model_config(cfg, feature_dim, num_answers, base))
+    config = model_config(cfg, feature_dim, num_answers, base)
+    if vocab_size is not None:
+        fit_vocab(config, vocab_size, True, cfg.init_from)
+    model = LxmertForPreTraining(config)
     load_weights(model, state, cfg.init_from)
     return model
 
@@ -495,7 +521,7 @@ def run(cfg: PretrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
     if env.is_main:
         table.save_pretrain(out / "answers.json")  # the QA head's rows, for fine-tuning
     stores = open_stores(cfg.features)
-    tokenizer = load_tokenizer(cfg.vocab)
+    tokenizer = load_tokenizer(cfg.vocab or vocab_beside(cfg.init_from))
     masking = MaskingConfig(word_mask_rate=cfg.word_mask_rate, obj_mask_rate=cfg.obj_mask_rate,
                             mismatch_rate=0.5 if cfg.matched else 0.0,
                             max_seq_length=cfg.max_seq_length, max_boxes=cfg.max_boxes,
@@ -517,8 +543,10 @@ def run(cfg: PretrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
         def eval_fn(model: nn.Module, epoch: int) -> dict[str, float]:
             return evaluate(model, valid_set, indices, cfg, env, micro, epoch)
 
-    model = build_model(cfg, stores[0].feature_dim, len(table))
+    model = build_model(cfg, stores[0].feature_dim, len(table), len(tokenizer.vocab),
+                        detector_label_counts(stores))
     result = train(model, train_set, cfg.train, collate_fn=collate_pretrain, step_fn=make_step(cfg),
+                   export_fn=export_with_vocab(tokenizer_tokens(tokenizer)),
                    loss_names=LOSS_NAMES, eval_fn=eval_fn,
                    best_metric=("valid_loss", "min") if eval_fn else None,
                    extra={"model_config": model.config.to_dict()}, env=env)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,30 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
              "l_layers": 1, "x_layers": 1, "r_layers": 1},
 }
+
+
+def fit_vocab(config: Any, vocab_size: int, from_checkpoint: bool, source: str) -> None:
+    """Size the word embedding for the tokenizer: a fresh network gets exactly its vocabulary (the
+    demo's world vocabulary is 200-odd WordPieces, not BERT's 30,522); a checkpoint's embedding
+    is kept, and must cover every id the tokenizer can produce."""
+    if not from_checkpoint:
+        config.vocab_size = vocab_size
+    elif vocab_size > config.vocab_size:
+        raise ValueError(f"vocab: the tokenizer has {vocab_size} tokens but {source} embeds only "
+                         f"{config.vocab_size}; use the vocabulary it was trained with")
+
+
+def export_with_vocab(tokens: list[str]) -> Callable[[nn.Module, Path], None]:
+    """The training loop's export_fn that also saves the tokenizer's vocab.txt beside the weights,
+    so whatever later loads them (fine-tuning, evaluation) tokenizes as training did."""
+    from tasks.loop import export_model
+    from tasks.tokenization import save_vocabulary
+
+    def export(model: nn.Module, directory: Path) -> None:
+        export_model(model, directory)
+        save_vocabulary(tokens, directory)
+
+    return export
 
 
 def model_config_from(name: str, param: str = "model") -> Any:

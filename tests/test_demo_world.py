@@ -433,3 +433,22 @@ def test_nlvr2_labels_are_balanced_per_sentence(world: Path) -> None:
             s, set_id, _, sentence = r["identifier"].split("-")
             groups[(set_id, sentence)].append(r["label"])
         assert all(set(v) == {"True", "False"} for v in groups.values())
+
+
+def test_world_vocabulary_covers_every_text(world: Path) -> None:
+    """vocab.txt tokenizes every sentence, question and answer of the world as BERT's 30,522 do."""
+    from tasks.tokenization import load_tokenizer
+
+    vocab = world_path(world, "vocab")
+    small, full = load_tokenizer(vocab), load_tokenizer()
+    assert 50 < len(small.vocab) < 300
+    texts = [c["caption"] for s in ("train2014", "val2014") for c in load(world, "coco", "captions", s)["annotations"]]
+    texts += [q["question"] for s in ("train2014", "val2014") for q in load(world, "vqa", "questions", s)["questions"]]
+    texts += [q["question"] for s in ("train", "val") for q in load(world, "gqa", "questions", s).values()]
+    texts += [r["phrase"] for e in load(world, "vg", "region_descriptions") for r in e["regions"]]
+    texts += [q["question"] for e in load(world, "vg", "question_answers") for q in e["qas"]]
+    texts += [r["sentence"] for s in ("train", "dev") for r in nlvr2_rows(world, s)]
+    for text in set(texts):
+        ids = small(text)["input_ids"]
+        assert small.unk_token_id not in ids, text
+        assert small.convert_ids_to_tokens(ids) == full.convert_ids_to_tokens(full(text)["input_ids"])

@@ -1,4 +1,5 @@
 """Fine-tuning: the QA losses, answer-head initialisation, and VQA / GQA / NLVR2 runs with their files."""
+import dataclasses
 import json
 
 import numpy as np
@@ -177,3 +178,44 @@ def test_head_starts_from_a_pretraining_table_of_our_own(tmp_path):
     assert not head.weight[table.label("yes")].any()
     with pytest.raises(ValueError, match="neither this task's 3129 nor the pretraining table's 9500"):
         build_model(FinetuneConfig(task="vqa", init_from=str(tmp_path / "pretrained")), 16, table)
+
+
+def test_a_sub_vocabulary_travels_with_the_weights(world, tmp_path):
+    """Pretraining with a small vocabulary sizes the embedding for it and saves vocab.txt beside the
+    weights; fine-tuning from them picks it up unasked, and a larger tokenizer is refused."""
+    from tasks import pretrain
+    from tasks.tokenization import save_vocabulary, sub_vocabulary
+
+    entries = json.loads(world.corpus.read_text())
+    texts = [s for e in entries for sents in e["sentf"].values() for s in sents]
+    texts += [e["sent"] for e in json.loads(world.vqa.read_text())]
+    vocab = save_vocabulary(sub_vocabulary(texts), tmp_path / "vocab")
+    size = len(vocab.read_text().splitlines())
+    pre = pretrain.PretrainConfig(corpus=[str(world.corpus)], features=[str(world.features)], model="tiny",
+                                  vocab=str(vocab), train=train_config(tmp_path / "pre", epochs=1))
+    pretrain.run(pre)
+    final = tmp_path / "pre" / "final"
+    assert (final / "vocab.txt").read_text() == vocab.read_text()
+    assert json.loads((final / "config.json").read_text())["vocab_size"] == size < 200
+    cfg = FinetuneConfig(task="vqa", train_files=[str(world.vqa)], features=[str(world.features)],
+                         init_from=str(final), train=train_config(tmp_path / "ft", epochs=1))
+    run(cfg)
+    assert (tmp_path / "ft" / "final" / "vocab.txt").read_text() == vocab.read_text()
+    with pytest.raises(ValueError, match=f"tokenizer has 30522 tokens but .*final embeds only {size}"):
+        build_model(dataclasses.replace(cfg, vocab=None), 16, default_vqa_table(), 30522)
+
+
+def test_fresh_pretraining_model_fits_tokenizer_and_detector():
+    from types import SimpleNamespace
+
+    from tasks.pretrain import build_model as build_pretrain
+    from tasks.pretrain import detector_label_counts
+
+    model = build_pretrain(PretrainConfig(model="tiny"), 16, 3, vocab_size=120, labels=(7, 9))
+    assert model.lxmert.embeddings.word_embeddings.num_embeddings == 120
+    assert (model.config.num_object_labels, model.config.num_attr_labels) == (7, 9)
+    store = SimpleNamespace(attrs={"detector_config": {"num_classes": 1600, "num_attributes": 400}})
+    assert detector_label_counts([store, store]) == (1600, 400)
+    other = SimpleNamespace(attrs={"detector_config": {"num_classes": 7, "num_attributes": 9}})
+    assert detector_label_counts([store, other]) is None  # disagreeing files: keep the config's sizes
+    assert detector_label_counts([SimpleNamespace(attrs={})]) is None

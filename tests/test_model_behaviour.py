@@ -184,3 +184,37 @@ def test_save_and_reload_every_class(cls, tmp_path):
         assert torch.equal(value, again.state_dict()[key]), key
     if cls is LxmertForPreTraining:
         assert again.cls.predictions.decoder.weight is again.lxmert.embeddings.word_embeddings.weight
+
+
+# ---------------------------------------------------------------- dropout drawn 16 bits at a time on CPU
+
+def test_cpu_dropout_rate_scale_and_seed():
+    from model.layers import dropout
+
+    x = torch.ones(400_000, requires_grad=True)
+    torch.manual_seed(5)
+    y = dropout(x, 0.1, True)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.1) < 0.002
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 65536 / (65536 - 6554)))
+    assert abs(y.mean().item() - 1) < 0.005  # unbiased
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the same mask and scale
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x, 0.1, True), y)
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+    odd = dropout(torch.ones(3, 7, 5), 0.5, True)  # sizes not a multiple of four
+    assert odd.shape == (3, 7, 5) and set(odd.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_cpu_attention_with_dropout_is_sdpa_math(monkeypatch):
+    """The explicit CPU attention used under dropout equals SDPA when the mask keeps everything."""
+    import model.layers as layers
+
+    attention = layers.Attention(dataclasses.replace(CFG, attention_probs_dropout_prob=0.1)).train()
+    x, context = torch.randn(B, L, 32), torch.randn(B, O, 32)
+    mask = layers.additive_mask(make_inputs()["visual_attention_mask"], torch.float32)
+    monkeypatch.setattr(layers, "_cpu_keep_mask", lambda t, p: (torch.ones_like(t, dtype=torch.bool), 1.0))
+    ours = attention(x, context, mask)
+    attention.dropout_p = 0.0
+    torch.testing.assert_close(ours, attention(x, context, mask), atol=1e-6, rtol=1e-5)

@@ -37,6 +37,7 @@ from tasks.demo.language import (
     vqa_questions,
 )
 from tasks.demo.scene import SHAPES, SIZES, Scene, Theme, render, sample_scene, sample_theme
+from tasks.tokenization import sub_vocabulary
 
 FORMAT = "lxmert-demo-world"
 VERSION = 1
@@ -129,6 +130,7 @@ LAYOUT: dict[str, Any] = {  # every path is relative to the world's root
         "images": {"train": "nlvr2/images/train", "dev": "nlvr2/images/dev"},
     },
     "labels": {"objects": "labels/objects_vocab.txt", "attributes": "labels/attributes_vocab.txt"},
+    "vocab": "vocab.txt",
     "splits": {"coco_minival": "splits/coco_minival.txt", "vg_val": "splits/vg_val.txt",
                "heldout": "splits/heldout_images.txt"},
     "scene_graphs": "scene_graphs.json",
@@ -149,12 +151,29 @@ def _subset(seed: int, stream: str, ids: list[int], n: int) -> list[int]:
     return sorted(ids[int(i)] for i in chosen)
 
 
+TEXT_KEYS = frozenset({"caption", "question", "answer", "fullAnswer", "phrase", "sentence"})
+
+
+def _collect_texts(data: Any, out: set[str]) -> None:
+    """Add the natural-language strings of a dataset file (values of TEXT_KEYS) to `out`."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key in TEXT_KEYS and isinstance(value, str):
+                out.add(value)
+            else:
+                _collect_texts(value, out)
+    elif isinstance(data, list):
+        for value in data:
+            _collect_texts(value, out)
+
+
 class _Writer:
     """Writes the files of one world under a root, keeping the scene graph of every image."""
 
     def __init__(self, root: Path, seed: int, config: WorldConfig) -> None:
         self.root, self.seed, self.cfg = root, seed, config
         self.scenes: dict[str, Scene] = {}
+        self.texts: set[str] = set()  # every sentence, question and answer written, for the vocabulary
         self._pending: list[tuple[str, str, Scene, tuple[int, ...]]] = []
 
     def path(self, rel: str) -> Path:
@@ -164,6 +183,7 @@ class _Writer:
 
     def json(self, rel: str, data: Any) -> None:
         self.path(rel).write_text(json.dumps(data), encoding="utf-8")
+        _collect_texts(data, self.texts)
 
     def lines(self, rel: str, rows: list[str]) -> None:
         self.path(rel).write_text("".join(r + "\n" for r in rows), encoding="utf-8")
@@ -404,6 +424,7 @@ def _nlvr2(w: _Writer) -> dict:
                                  "label": "True" if truth else "False", "synset": theme.shapes[0],
                                  "query": " ".join(theme.colors + theme.shapes)})
         w.lines(LAYOUT["nlvr2"]["data"][split], [json.dumps(r) for r in rows])
+        w.texts.update(r["sentence"] for r in rows)
         labels[split] = [r["label"] for r in rows]
         stats["sets"][split] = n_sets
         stats["examples"][split] = len(rows)
@@ -416,6 +437,9 @@ def _write_world(root: Path, seed: int, config: WorldConfig, workers: int) -> di
     w = _Writer(root, seed, config)
     stats = {"coco_vqa": _coco_vqa(w), "vg_gqa": _vg_gqa(w), "nlvr2": _nlvr2(w)}
     w.draw_all(workers)
+    # the world's language is closed: its WordPieces (a few hundred of BERT's 30,522) are all the
+    # demo model needs; they tokenize every text exactly as the full vocabulary does
+    w.lines(LAYOUT["vocab"], sub_vocabulary(sorted(w.texts)))
     w.lines(LAYOUT["labels"]["objects"], list(SHAPES))
     w.lines(LAYOUT["labels"]["attributes"], [",".join((c, "grey")) if c == "gray" else c for c in COLOR_NAMES]
             + list(SIZES))
