@@ -153,9 +153,13 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
             deps["features"] = ExtractFeatures()
         if not self.corpus:
             deps["corpus"] = BuildPretrainCorpus()
-            if not self.vocab and BuildPretrainCorpus().uses_demo():
-                deps["world"] = GenerateDemoWorld()
+        if self.uses_world_vocab():
+            deps["world"] = GenerateDemoWorld()
         return deps
+
+    def uses_world_vocab(self) -> bool:
+        """No vocab given and the corpus is the demo world's: the world's own vocab.txt is used."""
+        return not self.vocab and not self.corpus and BuildPretrainCorpus().uses_demo()
 
     def input_problems(self) -> list[str]:
         """Objectives known; feature files readable; corpus and answer files parse; model and init usable."""
@@ -211,10 +215,8 @@ class FinetuneTask(TrainingParams, PipelineTask):
             deps["features"] = ExtractFeatures()
         if self.init == "pretrained":
             deps["pretrain"] = PretrainLXMERT()
-        elif self.init == "scratch" and not self.vocab:
-            pretrain = PretrainLXMERT()
-            if not pretrain.corpus and not pretrain.vocab and BuildPretrainCorpus().uses_demo():
-                deps["world"] = GenerateDemoWorld()
+        elif self.init == "scratch" and not self.vocab and PretrainLXMERT().uses_world_vocab():
+            deps["world"] = GenerateDemoWorld()
         return deps
 
     def scratch_vocab(self) -> str | None:

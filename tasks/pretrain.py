@@ -408,17 +408,14 @@ def build_model(cfg: PretrainConfig, feature_dim: int, num_answers: int, vocab_s
     """
     from model import LxmertForPreTraining
 
+    state, base = read_checkpoint(cfg.init_from, "init_from") if cfg.init_from else ({}, None)
+    config = model_config(cfg, feature_dim, num_answers, base)
+    if vocab_size is not None:
+        fit_vocab(config, vocab_size, bool(cfg.init_from), cfg.init_from or "model")
     if not cfg.init_from:
-        config = model_config(cfg, feature_dim, num_answers)
-        if vocab_size is not None:
-            fit_vocab(config, vocab_size, False, "model")
         if labels is not None:
             config.num_object_labels, config.num_attr_labels = labels
         return LxmertForPreTraining(config)
-    state, base = read_checkpoint(cfg.init_from, "init_from")
-    config = model_config(cfg, feature_dim, num_answers, base)
-    if vocab_size is not None:
-        fit_vocab(config, vocab_size, True, cfg.init_from)
     model = LxmertForPreTraining(config)
     load_weights(model, state, cfg.init_from)
     return model
