@@ -231,6 +231,8 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor], source: str | Path 
             info.mismatched_keys.append((key, tuple(value.shape), tuple(own[key].shape)))
         else:
             usable[key] = value
+    order = {k: i for i, k in enumerate(own)}
+    info.mismatched_keys.sort(key=lambda m: order[m[0]])  # in the model's order, embeddings first
     tied = tied_duplicates(own)
     clashed = {k for k, *_ in info.mismatched_keys}
     info.missing_keys = [k for k in own if k not in usable and k not in tied and k not in clashed]
