@@ -71,7 +71,14 @@ from tasks.readers import (
 )
 from tasks.runconfig import parse_config, save_json
 from tasks.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
-from tasks.weights import export_with_vocab, fit_vocab, load_weights, model_config_from, read_checkpoint
+from tasks.weights import (
+    export_with_vocab,
+    fit_vocab,
+    load_weights,
+    model_config_from,
+    read_checkpoint,
+    weights_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +342,7 @@ def build_model(cfg: FinetuneConfig, feature_dim: int, table: AnswerTable | None
                              "(set pretrain_answers / pretrain_qa_sets)")
         copied = model.init_answer_head_from(state, head_init_mapping(table, pretrain))
         log.warning("init_from: %s: answer_head.logit_fc.3 set from the pretraining QA head: %d of %d answers "
-                    "found in its table, the other rows zero", cfg.init_from, copied, len(table))
+                    "found in its table, the other rows zero", weights_file(cfg.init_from), copied, len(table))
     return model
 
 
