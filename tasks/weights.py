@@ -33,7 +33,8 @@ def read_checkpoint(path: str | Path, param: str = "init_from",
     try:
         if path.is_file() and path.suffix == ".pt" and path.with_suffix(".json").is_file():
             weights, state = path, _training_checkpoint(path)
-            config = state.get("extra", {}).get("model_config")
+            extra = state.get("extra")
+            config = extra.get("model_config") if isinstance(extra, dict) else None
             config = LxmertConfig.from_dict(config, source=path) if config else None
             state = state["model"]
         else:
