@@ -2,18 +2,24 @@
 
 All three are read into one key layout, transformers' (`lxmert.` backbone, `cls.`, `obj_predict_head.`,
 `answer_head.` heads), which is also what we write, so every format loads into every model class.
+
+Loading is strict: a model tensor the file does not provide or provides in another shape, a backbone
+tensor the model has no place for, and a non-float or non-finite value are errors naming the file.
+Starting part of a model fresh (a new task head) is asked for by name: `allow_fresh` prefixes, or
+`strict=False` for anything; what was left fresh is logged, tensor by tensor.
 """
 from __future__ import annotations
 
 import logging
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -25,9 +31,16 @@ SAFETENSORS_NAME = "model.safetensors"
 TORCH_NAME = "pytorch_model.bin"
 BACKBONE = "lxmert."
 _BACKBONE_CHILDREN = ("embeddings.", "encoder.", "pooler.")
+BACKBONE_KEYS = (BACKBONE, *_BACKBONE_CHILDREN)  # a backbone tensor's key starts with one of these
 # Prefixes of the original code: the pretraining model keeps its backbone under `bert.`, the
 # fine-tuning models under `lxrt_encoder.model.bert.`; nn.DataParallel adds `module.` anywhere.
 _ORIGINAL_BACKBONE = ("lxrt_encoder.model.bert.", "bert.")
+SHOWN = 3  # mismatches named in an error message; the rest are counted
+
+
+class CheckpointError(ValueError):
+    """Weights that cannot be loaded as asked: they do not fit the model, or hold non-float / non-finite
+    values; the message names the file."""
 
 
 @dataclass
@@ -37,6 +50,11 @@ class LoadingInfo:
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def fresh_keys(self) -> list[str]:
+        """Model keys that kept their fresh initialisation: missing from the file or of another shape."""
+        return self.missing_keys + [k for k, *_ in self.mismatched_keys]
 
 
 def load_torch(path: str | Path) -> Any:
@@ -55,8 +73,14 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     """Read a .safetensors file or a torch pickle of tensors (weights_only: no code runs on load)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = load_torch(path)
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        state = load_torch(path)
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable torch file ({str(e).splitlines()[0]})") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -108,10 +132,12 @@ def _layer_count(state: Mapping[str, Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def infer_config(state: Mapping[str, Tensor], **overrides: object) -> LxmertConfig:
+def infer_config(state: Mapping[str, Tensor], *, source: str | Path | None = None,
+                 **overrides: object) -> LxmertConfig:
     """Read the sizes a checkpoint carries (original files have no config.json); `overrides` win.
 
-    The head count is not recoverable from weights: it is 12 (base) unless overridden.
+    The head count is not recoverable from weights: it is 12 (base) unless overridden. Sizes are
+    checked like a config.json's (a key `encoder.layer.100000.` is refused, not built); errors name `source`.
     """
     state = {k.removeprefix(BACKBONE): v for k, v in state.items()}
     values: dict[str, object] = {}
@@ -140,7 +166,7 @@ def infer_config(state: Mapping[str, Tensor], **overrides: object) -> LxmertConf
         values["task_obj_predict"] = any(k.startswith("obj_predict_head.") for k in state)
         for loss in ("obj", "attr", "feat"):
             values[f"visual_{loss}_loss"] = f"obj_predict_head.decoder_dict.{loss}.weight" in state
-    return LxmertConfig.from_dict(values, **overrides)
+    return LxmertConfig.from_dict(values, source=source, **overrides)
 
 
 def tied_duplicates(state: Mapping[str, Tensor]) -> set[str]:
@@ -155,10 +181,40 @@ def tied_duplicates(state: Mapping[str, Tensor]) -> set[str]:
     return dupes
 
 
-def load_into(model: nn.Module, state: Mapping[str, Tensor]) -> LoadingInfo:
-    """Copy matching tensors into `model`; shape clashes keep the model's fresh values and are reported."""
+def check_values(state: Mapping[str, Tensor], source: str | Path) -> None:
+    """Refuse a tensor that is not floating point (int64 weights are a wrong file, not weights) or holds
+    NaN / Inf (a diverged run): either would train or predict garbage without an error."""
+    for key, value in state.items():
+        if not value.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {key!r} is {str(value.dtype).removeprefix('torch.')}, "
+                                  "not floating point; refusing to load it as weights")
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{source}: tensor {key!r} holds {bad:,} non-finite value(s) (NaN or Inf) "
+                                  f"of {value.numel():,}; refusing to load it")
+
+
+def _listed(what: str, items: Sequence[str], total: int) -> str:
+    """'n of total tensors <what>: the first SHOWN, and how many more'."""
+    more = f" and {len(items) - SHOWN:,} more" if len(items) > SHOWN else ""
+    return f"{len(items):,} of {total:,} tensors {what}: {', '.join(items[:SHOWN])}{more}"
+
+
+def load_into(model: nn.Module, state: Mapping[str, Tensor], source: str | Path = "checkpoint", *,
+              against: str = "the model's config", strict: bool = True,
+              allow_fresh: Sequence[str] = ()) -> LoadingInfo:
+    """Copy `state` into `model`, strictly: every model tensor must come from the file with its shape.
+
+    `allow_fresh` names key prefixes (e.g. `answer_head.`) that may keep their fresh initialisation,
+    missing from the file or shaped otherwise; `strict=False` allows that anywhere. File tensors the
+    model has no place for are dropped when they are heads (a pretraining model's MLM head when
+    building a QA model) and an error in the backbone (`lxmert.`: layers the config lacks). Values
+    must be floating point and finite. Errors are one line naming `source` and the first mismatches;
+    what was left fresh is logged as a warning, every key of it.
+    """
     own = model.state_dict()
     wants_prefix = any(k.startswith(BACKBONE) for k in own)
+    backbone = BACKBONE if wants_prefix else _BACKBONE_CHILDREN
     adapted = {}
     for key, value in state.items():
         if wants_prefix and key.startswith(_BACKBONE_CHILDREN):
@@ -175,15 +231,40 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor]) -> LoadingInfo:
             info.mismatched_keys.append((key, tuple(value.shape), tuple(own[key].shape)))
         else:
             usable[key] = value
+    order = {k: i for i, k in enumerate(own)}
+    info.mismatched_keys.sort(key=lambda m: order[m[0]])  # in the model's order, embeddings first
     tied = tied_duplicates(own)
     clashed = {k for k, *_ in info.mismatched_keys}
     info.missing_keys = [k for k in own if k not in usable and k not in tied and k not in clashed]
+    _refuse_misfits(info, source, against, len(own) - len(tied), len(adapted), strict, tuple(allow_fresh),
+                    [k for k in info.unexpected_keys if k.startswith(backbone)], bool(usable))
+    check_values({**usable, **{k: adapted[k] for k in clashed}}, source)
     model.load_state_dict(usable, strict=False)
-    for key, loaded, wanted in info.mismatched_keys:
-        log.warning("%s: checkpoint shape %s, model shape %s; kept freshly initialised", key, loaded, wanted)
-    if info.missing_keys:
-        log.warning("not in the checkpoint, kept freshly initialised: %s", info.missing_keys)
+    if info.fresh_keys:
+        why = "strict=False" if not strict else f"allow_fresh {list(allow_fresh)}"
+        log.warning("%s: left freshly initialised (%s): %s", source, why, ", ".join(info.fresh_keys))
+    if info.unexpected_keys:
+        log.info("%s: not used by %s: %s", source, type(model).__name__, ", ".join(info.unexpected_keys))
     return info
+
+
+def _refuse_misfits(info: LoadingInfo, source: str | Path, against: str, total: int, in_file: int,
+                    strict: bool, allow_fresh: tuple[str, ...], stray_backbone: list[str], loaded_any: bool) -> None:
+    """The one-line CheckpointError of `load_into` when the file does not fit as asked."""
+    def refused(key: str) -> bool:
+        return strict and not key.startswith(allow_fresh)
+
+    shapes = [f"{k} (file {list(a)}, model {list(b)})" for k, a, b in info.mismatched_keys if refused(k)]
+    missing = [k for k in info.missing_keys if refused(k)]
+    stray = stray_backbone if strict else []
+    if loaded_any and not (shapes or missing or stray):
+        return
+    parts = [] if loaded_any else [f"none of its {in_file:,} tensors fits the model's {total:,}"]
+    parts += [_listed("differ in shape", shapes, total)] if shapes else []
+    parts += [_listed("are missing from the file", missing, total)] if missing else []
+    parts += [_listed("of the file's backbone have no place in the model", stray, in_file)] if stray else []
+    hint = "; a partial load is asked for with allow_fresh=[key prefixes] or strict=False" if strict else ""
+    raise CheckpointError(f"{source}: weights do not fit {against}: {'; '.join(parts)}{hint}")
 
 
 def save_directory(model: nn.Module, config: LxmertConfig, directory: str | Path) -> None:

@@ -127,24 +127,31 @@ class LxmertPreTrainedModel(nn.Module):
         config: LxmertConfig | None = None,
         *,
         output_loading_info: bool = False,
+        strict: bool = True,
+        allow_fresh: Sequence[str] = (),
         **overrides: object,
     ):
         """Load a directory (ours or transformers': config.json + model.safetensors / pytorch_model.bin)
         or a weights file (an original `*_LXRT.pth`, whose sizes are read from the weights).
 
-        `overrides` replace config fields, e.g. `num_qa_labels=3129`; a head whose shape then differs
-        keeps its fresh initialisation. Returns the model in eval mode, and the `LoadingInfo` if asked.
+        `overrides` replace config fields, e.g. `num_qa_labels=3129`. The load is strict
+        (`checkpoint.load_into`): a head whose shape then differs must be named in `allow_fresh`
+        (e.g. `("answer_head.logit_fc.3.",)`) to keep its fresh initialisation. The config is checked
+        before the weights are read. Returns the model in eval mode, and the `LoadingInfo` if asked.
         """
         weights, config_file = checkpoint.locate(path)
-        state = checkpoint.canonical_keys(checkpoint.read_weights(weights), cls.head_renames)
         if config is not None:
-            config = dataclasses.replace(config, **overrides)
+            config, against = dataclasses.replace(config, **overrides), "the given config"
         elif config_file is not None:
-            config = LxmertConfig.from_json_file(config_file, **overrides)
-        else:
-            config = checkpoint.infer_config(state, **overrides)
+            config, against = LxmertConfig.from_json_file(config_file, **overrides), str(config_file)
+        if overrides and config is not None:
+            against += f" with {', '.join(sorted(overrides))} overridden"
+        state = checkpoint.canonical_keys(checkpoint.read_weights(weights), cls.head_renames)
+        if config is None:
+            config = checkpoint.infer_config(state, source=weights, **overrides)
+            against = "the sizes read from its weights"
         model = cls(config)
-        info = checkpoint.load_into(model, state)
+        info = checkpoint.load_into(model, state, weights, against=against, strict=strict, allow_fresh=allow_fresh)
         model.eval()
         return (model, info) if output_loading_info else model
 

@@ -14,6 +14,7 @@ import luigi
 
 from extractor.store import FeatureReader, FeatureStoreError
 from model.checkpoint import locate
+from model.config import ConfigError, LxmertConfig
 from pipeline.base import InputPathListParameter, InputPathParameter, PipelineTask, json_check, param_problems
 from pipeline.data import (
     BuildGQAData,
@@ -107,7 +108,8 @@ def _feature_file_problem(path: Path) -> str | None:
 
 
 def _model_problems(task: luigi.Task) -> list[str]:
-    """The `model` preset is unknown, or its config.json is missing or does not parse."""
+    """The `model` preset is unknown, or its config.json is missing, does not parse or holds a field
+    that cannot describe a network (the error names the file and the field)."""
     if not task.model:
         return []
     label = f"{task.get_task_family()}: parameter 'model'"
@@ -115,14 +117,19 @@ def _model_problems(task: luigi.Task) -> list[str]:
         model_config_from(task.model, label)
     except FileNotFoundError as e:
         return [str(e)]
+    except ConfigError as e:
+        return [f"{label}: {e}"]
     except (OSError, ValueError, TypeError) as e:
         return [f"{label}: {task.model}: {e}"]
     return []
 
 
 def _weights_problem(path: Path) -> str | None:
-    """A folder that holds no weights file (a file is only opened when training starts)."""
-    locate(path)
+    """A folder that holds no weights file, or whose config.json cannot describe a network (the
+    weights file itself is only opened when training starts)."""
+    config = locate(path)[1]
+    if config is not None:
+        LxmertConfig.from_json_file(config)
     return None
 
 
@@ -137,6 +144,9 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
     answers = InputPathParameter(default="", kind="file", optional=True,
                                  description="[{ans, dsets}] table of the QA head; empty: the corpus task's")
     init = InputPathParameter(default="", optional=True, description="weights to start from; empty: random")
+    allow_fresh = luigi.ListParameter(default=[], significant=False,
+                                      description="key prefixes init may leave freshly initialised (a head it "
+                                                  "lacks); loading is strict otherwise")
     objectives = luigi.ListParameter(default=["mlm", "matched", "obj", "attr", "feat", "qa"])
     qa_from_epoch = luigi.IntParameter(default=0)
     word_mask_rate = luigi.FloatParameter(default=0.15)
@@ -183,6 +193,7 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
         train = self.train_config(out)
         cfg = PretrainConfig(corpus=corpus, features=_features(self), valid_corpus=valid,
                              valid_examples=self.valid_examples, model=self.model, init_from=self.init or None,
+                             allow_fresh=list(self.allow_fresh),
                              dropout=self.dropout if self.dropout >= 0 else None, answers=answers,
                              qa_from_epoch=self.qa_from_epoch, word_mask_rate=self.word_mask_rate,
                              obj_mask_rate=self.obj_mask_rate, max_seq_length=self.max_seq_length,
@@ -201,6 +212,10 @@ class FinetuneTask(TrainingParams, PipelineTask):
                            description="pretrained: PretrainLXMERT's weights; scratch: random; or a path "
                                        "to weights (our run folder, a transformers folder, *_LXRT.pth)")
     features = InputPathListParameter(default=[], kind="file", optional=True)
+    allow_fresh = luigi.OptionalListParameter(
+        default=None, significant=False,
+        description="key prefixes init may leave freshly initialised; loading is strict otherwise. Default: "
+                    "the task head (a pretrained model has none) when training, nothing when evaluating")
     model = luigi.Parameter(default="", description="network size from scratch: preset or config.json; "
                                                     "empty: PretrainLXMERT's, so the two compare")
     loss = luigi.ChoiceParameter(choices=["bce", "ce"], default="bce")
@@ -248,6 +263,8 @@ class FinetuneTask(TrainingParams, PipelineTask):
             gqa_choices=str(official["choices"]) if "choices" in official else None,
             answers=str(data / "ans2label.json") if self.task_name != "nlvr2" else None,
             model=self.model or PretrainLXMERT().model, init_from=init_from,
+            # evaluating never leaves part of the weights fresh (None is strict with eval_only)
+            allow_fresh=None if eval_only or self.allow_fresh is None else list(self.allow_fresh),
             pretrain_answers=str(pretrain_dir / "answers.json") if pretrain_dir else None,
             loss=self.loss, dropout=self.dropout if self.dropout >= 0 else None,
             max_seq_length=self.max_seq_length, eval_only=eval_only, train=self.train_config(out),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from extractor.store import FeatureReader
+from model.checkpoint import CheckpointError
+from model.config import ConfigError
 from tasks.answers import (
     AnswerTable,
     default_gqa_table,
@@ -68,9 +71,19 @@ from tasks.readers import (
 )
 from tasks.runconfig import parse_config, save_json
 from tasks.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
-from tasks.weights import export_with_vocab, fit_vocab, load_weights, model_config_from, read_checkpoint
+from tasks.weights import (
+    export_with_vocab,
+    fit_vocab,
+    load_weights,
+    model_config_from,
+    read_checkpoint,
+    weights_file,
+)
+
+log = logging.getLogger(__name__)
 
 TASKS = ("vqa", "gqa", "nlvr2")
+TASK_HEADS = {"vqa": "answer_head.", "gqa": "answer_head.", "nlvr2": "logit_fc."}  # what a pretrained model lacks
 IGNORE = -100
 
 # The original recipe: batch 32, 4 epochs, warm-up 10%, gradient clipping 5; lr per task.
@@ -98,6 +111,10 @@ class FinetuneConfig:
     vocab: str | None = None
     model: str = "base"                # sizes when training from scratch (preset or config.json)
     init_from: str | None = None       # pretrained or fine-tuned weights (any format we read)
+    # key prefixes init_from may leave freshly initialised (loading is strict otherwise); None: the
+    # task head (answer_head. / logit_fc.) when training, as a pretrained backbone has none; nothing
+    # with eval_only, where a fresh head would predict at random
+    allow_fresh: list[str] | None = None
     init_qa_head: bool = True          # VQA / GQA: start the answer head from the pretraining QA head
     pretrain_answers: str | None = None  # answer table of the pretraining QA head (its answers.json)
     pretrain_qa_sets: list[str] = field(default_factory=list)  # QA sources that head was restricted to
@@ -298,7 +315,8 @@ def build_model(cfg: FinetuneConfig, feature_dim: int, table: AnswerTable | None
         state, base = read_checkpoint(cfg.init_from, "init_from", cls.head_renames)
         if base is None:  # an original *.pth: sizes from the weights, head count from `model`
             from model.checkpoint import infer_config
-            base = infer_config(state, num_attention_heads=model_config_from(cfg.model).num_attention_heads)
+            base = infer_config(state, source=f"init_from: {cfg.init_from}",
+                                num_attention_heads=model_config_from(cfg.model).num_attention_heads)
     config = dataclasses.replace(base) if base is not None else model_config_from(cfg.model)
     config.visual_feat_dim = feature_dim
     if table is not None:
@@ -307,14 +325,14 @@ def build_model(cfg: FinetuneConfig, feature_dim: int, table: AnswerTable | None
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.dropout
     if vocab_size is not None:
         fit_vocab(config, vocab_size, bool(cfg.init_from), cfg.init_from or "model")
-    model = cls(config)
     if not cfg.init_from:
-        return model
-    expected = state["lxmert.encoder.visn_fc.visn_fc.weight"].shape[1]
-    if expected != feature_dim:
-        raise ValueError(f"init_from: {cfg.init_from} expects {expected}-d features, "
+        return cls(config)
+    visual = state.get("lxmert.encoder.visn_fc.visn_fc.weight")
+    if visual is not None and visual.shape[1] != feature_dim:
+        raise ValueError(f"init_from: {cfg.init_from} expects {visual.shape[1]}-d features, "
                          f"the feature files hold {feature_dim}-d")
-    load_weights(model, state, cfg.init_from)
+    model = cls(config)
+    load_weights(model, state, cfg.init_from, fresh_prefixes(cfg))
     head = state.get("answer_head.logit_fc.3.weight")
     if table is not None and cfg.init_qa_head and head is not None and head.shape[0] != len(table):
         pretrain = pretrain_table(cfg.pretrain_answers, cfg.pretrain_qa_sets)
@@ -322,8 +340,17 @@ def build_model(cfg: FinetuneConfig, feature_dim: int, table: AnswerTable | None
             raise ValueError(f"init_from: its answer head has {head.shape[0]} answers, neither this task's "
                              f"{len(table)} nor the pretraining table's {len(pretrain)} "
                              "(set pretrain_answers / pretrain_qa_sets)")
-        model.init_answer_head_from(state, head_init_mapping(table, pretrain))
+        copied = model.init_answer_head_from(state, head_init_mapping(table, pretrain))
+        log.warning("init_from: %s: answer_head.logit_fc.3 set from the pretraining QA head: %d of %d answers "
+                    "found in its table, the other rows zero", weights_file(cfg.init_from), copied, len(table))
     return model
+
+
+def fresh_prefixes(cfg: FinetuneConfig) -> tuple[str, ...]:
+    """The key prefixes init_from may leave fresh: `allow_fresh`, by default the task head when training."""
+    if cfg.allow_fresh is not None:
+        return tuple(cfg.allow_fresh)
+    return () if cfg.eval_only else (TASK_HEADS[cfg.task],)
 
 
 # ----------------------------------------------------------------------------- prediction and metrics
@@ -448,7 +475,7 @@ def run(cfg: FinetuneConfig, env: DistEnv | None = None) -> dict[str, Any]:
         metrics.update(train_loss=result.last_losses.get("loss"), steps=result.step, evals=result.evals,
                        best=result.best)
         chosen = out / ("best" if result.best is not None else "final")
-        load_into(model, state_dict_of(chosen))
+        load_into(model, state_dict_of(chosen), chosen)
         metrics["model"] = str(chosen)
     model.to(env.device)
     submissions = []
@@ -491,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:
             print(json.dumps({k: v for k, v in metrics.items() if k in ("task", "valid", "best")}, indent=1,
                              default=str))
+    except (CheckpointError, ConfigError) as err:  # weights or sizes that do not fit: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         cleanup_distributed()
     return 0

@@ -27,6 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from extractor.store import FeatureReader, ImageFeatures
+from model.checkpoint import CheckpointError
+from model.config import ConfigError
 from tasks.answers import AnswerTable, convert_label, default_pretrain_table
 from tasks.features import locate_images, open_stores, read_image
 from tasks.jsonstream import DataFormatError, iter_array, write_json_atomic
@@ -331,6 +333,8 @@ class PretrainConfig:
     vocab: str | None = None                                 # tokenizer directory (default: offline BERT)
     model: str = "base"                                      # preset (base, small, tiny) or config.json path
     init_from: str | None = None                             # weights to start from (any format we read)
+    allow_fresh: list[str] = field(default_factory=list)     # key prefixes init_from may leave fresh (e.g. a
+                                                             # head it lacks); loading is strict otherwise
     dropout: float | None = None                             # override the model's dropout (None: keep)
     mlm: bool = True
     matched: bool = True
@@ -409,6 +413,10 @@ def build_model(cfg: PretrainConfig, feature_dim: int, num_answers: int, vocab_s
     from model import LxmertForPreTraining
 
     state, base = read_checkpoint(cfg.init_from, "init_from") if cfg.init_from else ({}, None)
+    if cfg.init_from and base is None:  # an original *_LXRT.pth: sizes from the weights, head count from `model`
+        from model.checkpoint import infer_config
+        base = infer_config(state, source=f"init_from: {cfg.init_from}",
+                            num_attention_heads=model_config_from(cfg.model).num_attention_heads)
     config = model_config(cfg, feature_dim, num_answers, base)
     if vocab_size is not None:
         fit_vocab(config, vocab_size, bool(cfg.init_from), cfg.init_from or "model")
@@ -417,7 +425,7 @@ def build_model(cfg: PretrainConfig, feature_dim: int, num_answers: int, vocab_s
             config.num_object_labels, config.num_attr_labels = labels
         return LxmertForPreTraining(config)
     model = LxmertForPreTraining(config)
-    load_weights(model, state, cfg.init_from)
+    load_weights(model, state, cfg.init_from, cfg.allow_fresh)
     return model
 
 
@@ -566,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run(cfg, env)
         if env.is_main:
             print(json.dumps({"step": metrics["step"], "train": metrics["train"]}, indent=1))
+    except (CheckpointError, ConfigError) as err:  # weights or sizes that do not fit: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         cleanup_distributed()
     return 0

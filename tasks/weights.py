@@ -6,57 +6,90 @@ our or transformers' model directories (`config.json` + weights), and the origin
 """
 from __future__ import annotations
 
-import logging
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
-
-log = logging.getLogger(__name__)
 
 
 def read_checkpoint(path: str | Path, param: str = "init_from",
                     head_renames: Mapping[str, str] | None = None) -> tuple[dict[str, Tensor], Any]:
     """(tensors in transformers' key layout, the network's LxmertConfig or None if the file has none).
 
-    `head_renames` maps the original code's fine-tuned head prefixes onto ours. Errors name
-    `param` and the path.
+    `head_renames` maps the original code's fine-tuned head prefixes onto ours. A config.json is
+    checked before the weights are read; a file without LXMERT backbone tensors is refused before
+    any network is built. Errors name `param` and the file.
     """
     from model import LxmertConfig
-    from model.checkpoint import canonical_keys, load_torch, locate, read_weights
+    from model.checkpoint import BACKBONE_KEYS, CheckpointError, canonical_keys, locate, read_weights
+    from model.config import ConfigError
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{param}: no checkpoint at {path}")
     renames = dict(head_renames or {})
-    if path.is_file() and path.suffix == ".pt" and path.with_suffix(".json").is_file():
-        try:
-            state = load_torch(path)
-        except pickle.UnpicklingError as exc:
-            raise ValueError(f"{param}: {exc}") from None
-        if not isinstance(state, dict) or "model" not in state:
-            raise ValueError(f"{param}: {path} is not a training checkpoint (no 'model' entry)")
-        config = state.get("extra", {}).get("model_config")
-        return canonical_keys(state["model"], renames), LxmertConfig.from_dict(config) if config else None
     try:
-        weights, config_file = locate(path)
-        state = canonical_keys(read_weights(weights), renames)
+        if path.is_file() and path.suffix == ".pt" and path.with_suffix(".json").is_file():
+            weights, state = path, _training_checkpoint(path)
+            extra = state.get("extra")
+            config = extra.get("model_config") if isinstance(extra, dict) else None
+            config = LxmertConfig.from_dict(config, source=path) if config else None
+            state = state["model"]
+        else:
+            weights, config_file = locate(path)
+            config = LxmertConfig.from_json_file(config_file) if config_file else None
+            state = read_weights(weights)
+    except ConfigError as exc:
+        raise ConfigError(f"{param}: {exc}") from None
     except (FileNotFoundError, ValueError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{param}: cannot read weights from {path} ({exc})") from exc
-    return state, LxmertConfig.from_json_file(config_file) if config_file else None
+        raise CheckpointError(f"{param}: cannot read weights from {path} ({exc})") from exc
+    state = canonical_keys(state, renames)
+    if not any(k.startswith(BACKBONE_KEYS) for k in state):
+        raise CheckpointError(f"{param}: {weights} holds no LXMERT weights: none of its {len(state):,} tensors "
+                              f"is in a backbone (lxmert.*, bert.*, encoder.*){_examples(state)}")
+    return state, config
 
 
-def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str) -> list[str]:
-    """Copy every tensor of `state` that fits into `model`; returns (and logs) the model keys the
-    checkpoint did not provide, e.g. a new task head."""
+def _examples(state: Mapping[str, Tensor]) -> str:
+    keys = list(state)[:3]
+    return f"; it holds {', '.join(keys)}{' ...' if len(state) > 3 else ''}" if keys else ""
+
+
+def _training_checkpoint(path: Path) -> dict[str, Any]:
+    """The dict of one of our `checkpoints/step-*.pt` files; ValueError when it is not one."""
+    from model.checkpoint import load_torch
+
+    try:
+        state = load_torch(path)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), Mapping):
+        raise ValueError(f"{path} is not a training checkpoint (no 'model' entry)")
+    if not all(isinstance(v, Tensor) for v in state["model"].values()):
+        raise ValueError(f"{path}: its 'model' entry is not a state dict of tensors")
+    return state
+
+
+def weights_file(path: str | Path) -> Path:
+    """The file a checkpoint path stands for (a model folder's weights file), to name in messages."""
+    from model.checkpoint import locate
+
+    path = Path(path)
+    return locate(path)[0] if path.is_dir() else path
+
+
+def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str,
+                 allow_fresh: Sequence[str] = (), param: str = "init_from") -> list[str]:
+    """Copy `state` into `model` strictly (model.checkpoint.load_into): only keys under the
+    `allow_fresh` prefixes may stay as initialised (a new task head); returns those keys, which
+    are also logged. Errors start with `param` and name the file."""
     from model.checkpoint import load_into
 
-    info = load_into(model, state)
-    if info.missing_keys:
-        log.info("%s: kept as initialised: %s", source, info.missing_keys)
-    return list(info.missing_keys)
+    info = load_into(model, state, f"{param}: {weights_file(source)}", against="the network built for this run",
+                     allow_fresh=tuple(allow_fresh))
+    return info.fresh_keys
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

@@ -122,9 +122,10 @@ def test_nlvr2_pairs_and_evaluation_only(world, pretrained, tmp_path):
     assert batch["visual_feats"].shape == (2, 2, 6, 16) and batch["visual_attention_mask"].shape == (2, 2, 6)
     assert batch["label"].tolist() == [entries[0]["label"], entries[1]["label"]]
     out = tmp_path / "nlvr2"
+    # a pretraining checkpoint has no pair head: evaluating it needs the fresh head asked for
     cfg = FinetuneConfig(task="nlvr2", eval_only=True, valid_files=[str(world.nlvr2)],
                          features=[str(world.features)], init_from=str(pretrained[0]),
-                         train=train_config(out))
+                         allow_fresh=["logit_fc."], train=train_config(out))
     metrics = run(cfg)
     preds = read_nlvr2_predictions(out / "valid_predict.csv")
     accuracy = np.mean([preds[e["identifier"]] == bool(e["label"]) for e in entries])

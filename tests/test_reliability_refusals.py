@@ -209,7 +209,7 @@ CASES = {
     "model config.json does not parse": (
         lambda t, f: PretrainLXMERT(features=[str(f["features"])], corpus=[str(f["corpus"])],
                                     model=str(_write(t, "config.json", "{hidden_size: 4}"))),
-        ["PretrainLXMERT: parameter 'model'", "config.json: Expecting property name"]),
+        ["PretrainLXMERT: parameter 'model'", "config.json: invalid JSON: Expecting property name"]),
 }
 
 
