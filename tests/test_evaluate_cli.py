@@ -168,3 +168,13 @@ def test_gqa_and_nlvr2_deep_truth_files_exit_2(capsys, tmp_path):
     (tmp_path / "p.csv").write_text("")
     code, out, err = run(capsys, "nlvr2", "--data", lines, "--predictions", tmp_path / "p.csv")
     assert code == 2 and err == f"error: {lines}: line 1: invalid JSON: nested too deeply to parse\n"
+
+
+def test_duplicated_annotation_exits_2(capsys, vqa):
+    anns = json.loads(vqa["a"].read_text())
+    anns["annotations"].append(anns["annotations"][1])
+    twice = write(vqa["dir"] / "twice.json", anns)
+    preds = write(vqa["dir"] / "p.json", [{"question_id": i, "answer": "yes"} for i in (1, 2, 3)])
+    code, out, err = run(capsys, "vqa", "--annotations", twice, "--predictions", preds)
+    assert (code, out) == (2, "")
+    assert err == f"error: {twice}: question 2 appears twice in the ground truth; each question must be scored once\n"
