@@ -6,6 +6,7 @@ import sys
 
 from extractor.config import NAMED_CONFIGS, ConfigError
 from extractor.extract import FEATURE_DTYPES, ExtractionError, extract_features
+from extractor.images import DEFAULT_MAX_PIXELS
 from extractor.selection import STRATEGIES
 from extractor.store import FeatureStoreError
 from extractor.weights import UnsafePickleError, WeightsError
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast on CUDA")
     p.add_argument("--max-failure-ratio", type=float, default=0.05,
                    help="stop when more than this share of the images cannot be read")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"list larger images as failures ('too large') without decoding them (default "
+                        f"{DEFAULT_MAX_PIXELS:,}, about 1 GiB of memory per decoding worker)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -48,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             args.images, args.weights, args.output, config=args.config, boxes=args.boxes,
             min_boxes=args.min_boxes, max_boxes=args.max_boxes, selection=args.selection, device=args.device,
             batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype, amp=args.amp,
-            max_failure_ratio=args.max_failure_ratio, overwrite=args.overwrite, progress=not args.no_progress)
+            max_failure_ratio=args.max_failure_ratio, max_pixels=args.max_pixels, overwrite=args.overwrite,
+            progress=not args.no_progress)
     except (ConfigError, ExtractionError, WeightsError, UnsafePickleError, FeatureStoreError,
             FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

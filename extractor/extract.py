@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from extractor.config import DetectorConfig
 from extractor.detector import MIN_RESIZED_SIDE, Detections, VGDetector, image_to_tensor, resize_image
-from extractor.images import ImageReadError, image_id, list_images, load_image
+from extractor.images import DEFAULT_MAX_PIXELS, ImageReadError, image_id, list_images, load_image
 from extractor.selection import STRATEGIES, best_labels, select_caffe, select_maxnms
 from extractor.store import FeatureStoreError, FeatureWriter, ImageFeatures, remove_stale_parts
 from extractor.weights import load_detectron2_weights
@@ -125,8 +125,8 @@ class _Item:
 class _ImageDataset(Dataset):
     """Decode and resize in the DataLoader workers; a bad image becomes an _Item with an error."""
 
-    def __init__(self, paths: Sequence[Path], min_size: int, max_size: int) -> None:
-        self.paths, self.min_size, self.max_size = list(paths), min_size, max_size
+    def __init__(self, paths: Sequence[Path], min_size: int, max_size: int, max_pixels: int) -> None:
+        self.paths, self.min_size, self.max_size, self.max_pixels = list(paths), min_size, max_size, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -134,7 +134,7 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int) -> _Item:
         path = self.paths[i]
         try:
-            image = load_image(path)
+            image = load_image(path, self.max_pixels)
         except ImageReadError as e:
             return _Item(str(path), image_id(path), None, (0, 0), e.reason)
         h, w = image.shape[:2]
@@ -204,13 +204,14 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
                      boxes: int | None = None, min_boxes: int | None = None, max_boxes: int | None = None,
                      selection: str = "caffe", device: str = "cpu", batch_size: int = 1,
                      num_workers: int | None = None, dtype: str = "float16", amp: str | None = None,
-                     max_failure_ratio: float = 0.05, overwrite: bool = False,
-                     progress: bool = True) -> dict[str, Any]:
+                     max_failure_ratio: float = 0.05, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Extract region features of ``images`` into the HDF5 file ``output``; returns a summary dict.
 
     images: a folder, a list file or a list of paths. boxes=N keeps exactly N per image (36 when
     nothing is given); min_boxes/max_boxes keep between them (adaptive, the caffe rule's threshold).
-    Raises ExtractionError when more than max_failure_ratio of the images cannot be read.
+    Raises ExtractionError when more than max_failure_ratio of the images cannot be read. Images over
+    max_pixels are listed as failures ("too large"), see extractor.images.DEFAULT_MAX_PIXELS.
     """
     if dtype not in FEATURE_DTYPES:
         raise ExtractionError(f"dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
@@ -221,6 +222,8 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
         raise ExtractionError(f"num_workers must be a non-negative integer, got {num_workers!r}")
     if not 0.0 <= max_failure_ratio <= 1.0:
         raise ExtractionError(f"max_failure_ratio must be in [0, 1], got {max_failure_ratio}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ExtractionError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     dev, autocast = _resolve_device(device, amp)
     cfg = DetectorConfig.load(config)
     rule = box_rule(selection, boxes, min_boxes, max_boxes)
@@ -249,7 +252,8 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
                        attrs=attrs) as writer:
         done = writer.done_ids()
         todo = [p for p, i in zip(paths, ids) if i not in done]
-        loader = DataLoader(_ImageDataset(todo, cfg.min_size_test, cfg.max_size_test), batch_size=batch_size,
+        dataset = _ImageDataset(todo, cfg.min_size_test, cfg.max_size_test, max_pixels)
+        loader = DataLoader(dataset, batch_size=batch_size,
                             num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
                             prefetch_factor=4 if workers else None, persistent_workers=False)
         thread = _WriterThread(writer)

@@ -12,10 +12,12 @@ Unlike ``cv2.imread``, truncated JPEG/PNG files are refused rather than padded w
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
-import warnings
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                               ".ppm", ".pgm", ".pbm"})
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's bomb limit (about 179 MP); it caps larger values
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Images with more pixels are refused from their header, before decoding. The value is Pillow's own warning
+threshold (2^30 / 4 / 3: 256 MiB as 8-bit RGB, e.g. 10,000 x 8,900). Decoding holds the file, the decoded image
+and its RGB and BGR arrays, about 1 GiB per decoding worker at this size; larger scans need a raised limit
+(``max_pixels``, ``--max-pixels``) and the memory to match."""
+_PILLOW_CHECK = threading.Lock()  # guards Pillow's global limit while _pillow_check_off holds it off
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _TO_RGB = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
@@ -74,32 +81,50 @@ def _to_rgb(im: Image.Image, path: str | os.PathLike) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+@contextlib.contextmanager
+def _pillow_check_off() -> Iterator[None]:
+    """Let ``max_pixels`` decide alone: Pillow refuses images over twice its global ``Image.MAX_IMAGE_PIXELS``
+    while it opens them, before our check can name the size or a raised limit can apply. Only the first frame
+    is decoded, and its size is ours to check, so Pillow's check is off (under a lock, restored) meanwhile."""
+    with _PILLOW_CHECK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _unreadable(p: Path, e: OSError) -> str:
+    """Reason for a file that cannot be read, telling broken symlinks apart from missing files."""
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    if isinstance(e, FileNotFoundError):
+        return f"dangling symlink -> {os.readlink(p)}" if p.is_symlink() else "not found"
+    if isinstance(e, IsADirectoryError):
+        return "not a file"
+    return f"unreadable: {e.strerror or e}"
+
+
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image to (H, W, 3) uint8 BGR, or raise ImageReadError with a short reason.
 
-    Reasons: "not found", "not a file", "unreadable: ...", "empty file", "not an image",
-    "truncated", "corrupt: ...", "too large: WxH pixels > max_pixels", "unsupported mode M".
-    Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) also applies.
+    Reasons: "not found", "dangling symlink -> TARGET", "symlink loop", "not a file", "unreadable: ...",
+    "empty file", "not an image", "truncated", "corrupt: ...", "too large: WxH pixels > max_pixels",
+    "unsupported mode M".
     """
     p = Path(path)
     try:
         data = p.read_bytes()
-    except FileNotFoundError:
-        raise ImageReadError(path, "not found") from None
-    except IsADirectoryError:
-        raise ImageReadError(path, "not a file") from None
     except OSError as e:
-        raise ImageReadError(path, f"unreadable: {e.strerror or e}") from None
+        raise ImageReadError(path, _unreadable(p, e)) from None
     if not data:
         raise ImageReadError(path, "empty file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with _pillow_check_off():
         try:
             im = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise ImageReadError(path, "not an image") from None
-        except Image.DecompressionBombError as e:
-            raise ImageReadError(path, f"too large: {e}") from None
         except Exception as e:  # untrusted bytes: any decoder error means a bad file
             raise ImageReadError(path, _decode_failure(e)) from None
         with im:
@@ -122,8 +147,11 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return np.ascontiguousarray(rgb[..., ::-1])
 
 
-def _check_unique(paths: list[Path], where: list[str]) -> None:
-    """Two images with the same stem would collide in the feature store: refuse, naming both."""
+def _check_ids(paths: list[Path], where: list[str]) -> None:
+    """Refuse names the feature store cannot hold (not UTF-8) and two images with the same stem, naming them."""
+    undecodable = [f"{w}: {os.fsencode(p)!r}" for p, w in zip(paths, where) if _not_utf8(p)]
+    if undecodable:
+        raise ValueError(f"image paths that are not valid UTF-8 (rename them): {_some(undecodable)}")
     seen: dict[str, int] = {}
     for j, p in enumerate(paths):
         key = image_id(p)
@@ -133,29 +161,46 @@ def _check_unique(paths: list[Path], where: list[str]) -> None:
         seen[key] = j
 
 
+def _not_utf8(p: Path) -> bool:
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode kept the bytes as surrogate escapes
+        return True
+    return False
+
+
+def _some(items: list[str]) -> str:
+    more = f" (and {len(items) - 10} more)" if len(items) > 10 else ""
+    return "; ".join(items[:10]) + more
+
+
 def list_images(dir_or_list: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The images to process, checked before any work starts.
 
     A directory: every file with an image extension below it (case-insensitive, hidden files and
-    folders skipped), sorted. An image file: just that image. Any other file: one path per line,
-    relative paths against the list's folder, blank lines and ``#`` comments skipped. A Python
-    list: its entries. Missing entries raise FileNotFoundError naming them (and their lines);
-    two images with the same id raise ValueError naming both.
+    folders skipped), sorted; symlinks among them are listed even when broken, so that a dangling or
+    looping link becomes a failure entry rather than vanishing. An image file: just that image. Any
+    other file: one path per line, relative paths against the list's folder, blank lines and ``#``
+    comments skipped. A Python list: its entries. Entries with nothing at their path (neither a file
+    nor a symlink) raise FileNotFoundError naming them (and their lines); names that are not UTF-8 and
+    two images with the same id raise ValueError naming them.
     """
     if isinstance(dir_or_list, str | os.PathLike):
         src = Path(dir_or_list)
         if src.is_dir():
             paths = sorted(p for p in src.rglob("*")
-                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())
                            and not any(part.startswith(".") for part in p.relative_to(src).parts))
-            _check_unique(paths, [str(src)] * len(paths))
+            _check_ids(paths, [str(src)] * len(paths))
             return paths
         if not src.exists():
-            raise FileNotFoundError(f"images: {src} does not exist")
+            link = f" (a dangling symlink -> {os.readlink(src)})" if src.is_symlink() else ""
+            raise FileNotFoundError(f"images: {src} does not exist{link}")
         if src.suffix.lower() in IMAGE_EXTENSIONS:
+            _check_ids([src], ["images"])
             return [src]
         paths, where = [], []
-        with open(src, encoding="utf-8") as f:
+        with open(src, encoding="utf-8", errors="surrogateescape") as f:  # bad bytes: refused by line below
             for lineno, line in enumerate(f, 1):
                 entry = line.strip()
                 if entry and not entry.startswith("#"):
@@ -165,9 +210,8 @@ def list_images(dir_or_list: str | os.PathLike | Sequence[str | os.PathLike]) ->
     else:
         paths = [Path(p) for p in dir_or_list]
         where = [f"entry {i}" for i in range(len(paths))]
-    missing = [f"{w}: {p}" for p, w in zip(paths, where) if not p.is_file()]
+    missing = [f"{w}: {p}" for p, w in zip(paths, where) if not (p.is_file() or p.is_symlink())]
     if missing:
-        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
-        raise FileNotFoundError(f"images not found: {'; '.join(missing[:10])}{more}")
-    _check_unique(paths, where)
+        raise FileNotFoundError(f"images not found: {_some(missing)}")
+    _check_ids(paths, where)
     return paths

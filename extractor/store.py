@@ -243,11 +243,24 @@ class _Record:
         self.img_id, self.img_h, self.img_w, self.arrays = img_id, img_h, img_w, arrays
 
 
+def img_id_problem(img_id: object) -> str | None:
+    """Why an id cannot be an HDF5 string (empty, a NUL, not encodable as UTF-8), or None when it can."""
+    if not isinstance(img_id, str) or not img_id:
+        return f"img_id must be a non-empty string, got {img_id!r}"
+    if "\0" in img_id:
+        return f"img_id {img_id!r} contains a NUL character, which HDF5 strings cannot hold"
+    try:
+        img_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"img_id {img_id!r} is not valid UTF-8 (a file name in another encoding?)"
+    return None
+
+
 def _check_record(rec: ImageFeatures, k: int, d: int, dtype: str) -> _Record:
     """Refuse records that would break the schema, naming the image and the field."""
     img_id = rec.img_id
-    if not isinstance(img_id, str) or not img_id:
-        raise FeatureStoreError(f"record img_id must be a non-empty string, got {img_id!r}")
+    if problem := img_id_problem(img_id):
+        raise FeatureStoreError(f"record {problem}")
 
     def fail(msg: str) -> FeatureStoreError:
         return FeatureStoreError(f"image {img_id}: {msg}")
@@ -916,7 +929,7 @@ def merge(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, virtua
                     offset += n
             _write_attrs(out, dtype, extra)
         lines = [line for p in paths if failures_path(p).is_file()
-                 for line in failures_path(p).read_text(encoding="utf-8").splitlines() if line.strip()]
+                 for line in failures_path(p).read_text(encoding="utf-8").split("\n") if line.strip()]
         ftmp = temporary_sibling(failures_path(output))
         ftmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         atomic_replace(ftmp, failures_path(output))

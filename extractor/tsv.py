@@ -11,6 +11,7 @@ import base64
 import binascii
 import csv
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +25,14 @@ from extractor.store import (
     FeatureWriter,
     ImageFeatures,
     atomic_replace,
+    img_id_problem,
     temporary_sibling,
 )
 
 LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
                  "num_boxes", "boxes", "features")
 CAFFE_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+_INTEGER = re.compile(r"-?[0-9]+")
 LINE_END = "\r\n"  # what LXMERT's csv.DictWriter wrote; kept so exports match released files byte for byte
 
 
@@ -51,10 +54,24 @@ def _decode(text: str, dtype: str, count: int | None, what: str) -> np.ndarray:
 
 
 def _parse_int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{what}: not an integer: {text[:40]!r}") from None
+    """A decimal integer as csv wrote it: ASCII digits with an optional minus (no blanks, no "1_000")."""
+    if not _INTEGER.fullmatch(text):
+        raise ValueError(f"{what}: not an integer: {text[:40]!r}")
+    return int(text)
+
+
+def _checked(row: list[str]) -> list[str]:
+    """The row, refused when it holds bytes that are not UTF-8 (read as surrogate escapes), naming the field."""
+    names = LXMERT_FIELDS if len(row) == len(LXMERT_FIELDS) else CAFFE_FIELDS if len(row) == len(CAFFE_FIELDS) \
+        else None
+    for i, field in enumerate(row):
+        if field.isascii():
+            continue
+        bad = next((j for j, c in enumerate(field) if "\udc80" <= c <= "\udcff"), None)
+        if bad is not None:
+            name = f"field {i + 1} ({names[i]})" if names else f"field {i + 1}"
+            raise ValueError(f"{name}: not UTF-8 text (byte 0x{ord(field[bad]) - 0xdc00:02x} at character {bad + 1})")
+    return row
 
 
 def _row_to_record(row: list[str]) -> ImageFeatures:
@@ -67,12 +84,16 @@ def _row_to_record(row: list[str]) -> ImageFeatures:
     else:
         raise ValueError(f"{len(row)} fields; want {len(LXMERT_FIELDS)} (LXMERT) "
                          f"or {len(CAFFE_FIELDS)} (Caffe)")
+    problem = img_id_problem(img_id)
+    if problem:
+        raise ValueError(problem)
     n = _parse_int(nb, "num_boxes")
     if n < 0:
         raise ValueError(f"num_boxes is negative: {n}")
     f = _decode(feats, "<f4", None, "features")
     if n and f.size % n:
         raise ValueError(f"features: {f.size} floats do not split into {n} boxes")
+    box_array = _decode(boxes, "<f4", 4 * n, "boxes").reshape(n, 4)  # before any array sized by num_boxes
     if oid is None:  # the Caffe format has no labels: -1 ids (LXMERT's "ignore") and 0 confidence
         ids, confs = np.full(n, -1, np.int64), np.zeros(n, np.float32)
         labels = (ids, confs, ids.copy(), confs.copy())
@@ -81,22 +102,30 @@ def _row_to_record(row: list[str]) -> ImageFeatures:
                   _decode(aid, "<i8", n, "attrs_id"), _decode(aconf, "<f4", n, "attrs_conf"))
     return ImageFeatures(
         img_id=img_id, img_h=_parse_int(h, "img_h"), img_w=_parse_int(w, "img_w"),
-        boxes=_decode(boxes, "<f4", 4 * n, "boxes").reshape(n, 4),
+        boxes=box_array,
         features=f.reshape(n, -1) if n else f.reshape(0, 0),
         objects_id=labels[0], objects_conf=labels[1], attrs_id=labels[2], attrs_conf=labels[3])
 
 
 def _rows(path: Path) -> Iterator[tuple[int, ImageFeatures]]:
-    """(line number, record) pairs, errors naming the file and line."""
+    """(line number, record) pairs, errors naming the file and line.
+
+    Bytes that are not UTF-8 are read as surrogate escapes, so csv keeps its line rules and the bad
+    byte is reported with its line and field rather than as a bare UnicodeDecodeError.
+    """
     csv.field_size_limit(sys.maxsize)
-    with open(path, newline="", encoding="utf-8") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
-            if not row:
-                continue
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.reader(f, delimiter="\t")
+        while True:
             try:
-                yield lineno, _row_to_record(row)
-            except ValueError as e:
-                raise TsvError(f"{path}:{lineno}: {e}") from None
+                row = next(reader, None)
+                if row is None:
+                    return
+                rec = _row_to_record(_checked(row)) if row else None
+            except (ValueError, csv.Error) as e:
+                raise TsvError(f"{path}:{reader.line_num}: {e}") from None
+            if rec is not None:
+                yield reader.line_num, rec
 
 
 def read_tsv(path: str | os.PathLike) -> Iterator[ImageFeatures]:
@@ -160,8 +189,10 @@ def export_tsv(h5: str | os.PathLike, tsv: str | os.PathLike, fmt: str = "lxmert
     try:
         with FeatureReader(h5) as reader, open(tmp, "w", encoding="utf-8", newline="") as out:
             for rec in reader:
-                if any(c in rec.img_id for c in "\t\r\n"):
-                    raise ValueError(f"{h5}: image id {rec.img_id!r} contains a tab or newline")
+                if any(c in rec.img_id for c in "\t\r\n") or rec.img_id.startswith('"'):
+                    raise ValueError(f"{h5}: image id {rec.img_id!r} cannot be a TSV field "
+                                     "(it holds a tab or line break, or starts with a quote that csv would "
+                                     "read as quoting)")
                 n = str(rec.num_boxes)
                 boxes, feats = _b64(rec.boxes, "<f4"), _b64(rec.features, "<f4")
                 if fmt == "lxmert":

@@ -9,7 +9,7 @@ from typing import Any
 import luigi
 
 from extractor.extract import extract_features
-from extractor.images import list_images
+from extractor.images import DEFAULT_MAX_PIXELS, list_images
 from extractor.store import failures_path, merge, validate
 from extractor.tsv import import_tsv
 from pipeline.base import InputPathParameter, PipelineTask, param_problems, paths_of
@@ -38,6 +38,8 @@ class ExtractionParams:
     selection = luigi.ChoiceParameter(choices=["caffe", "maxnms"], default="caffe")
     dtype = luigi.ChoiceParameter(choices=["float16", "float32"], default="float16")
     max_failure_ratio = luigi.FloatParameter(default=0.05)
+    max_pixels = luigi.IntParameter(default=DEFAULT_MAX_PIXELS,
+                                    description="larger images are listed as failures ('too large')")
     device = luigi.Parameter(default="cpu", significant=False)
     batch_size = luigi.IntParameter(default=1, significant=False)
     decode_workers = luigi.IntParameter(default=-1, significant=False,
@@ -46,7 +48,7 @@ class ExtractionParams:
     def extraction_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (
             "images", "weights", "config", "boxes", "min_boxes", "max_boxes", "selection", "dtype",
-            "max_failure_ratio", "device", "batch_size", "decode_workers")}
+            "max_failure_ratio", "max_pixels", "device", "batch_size", "decode_workers")}
 
     def input_problems(self) -> list[str]:
         """Every image of the folder / list file exists (naming the list line that does not), and the
@@ -104,7 +106,7 @@ class ExtractFeaturesShard(ExtractionParams, PipelineTask):
             paths[lo:hi], src["weights"], out / FEATURES, config=src["config"], selection=self.selection,
             device=self.device, batch_size=self.batch_size, dtype=self.dtype,
             num_workers=None if self.decode_workers < 0 else self.decode_workers,
-            max_failure_ratio=self.max_failure_ratio, progress=False, **boxes)
+            max_failure_ratio=self.max_failure_ratio, max_pixels=self.max_pixels, progress=False, **boxes)
         _write_json(out / "summary.json", {**summary, "shard": self.shard, "shards": self.shards,
                                            "first": lo, "stop": hi})
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tasks.jsonstream import DataFormatError
 from tasks.metrics import (
+    DuplicateIdError,
     PredictionError,
     gqa_metrics,
     nlvr2_metrics,
@@ -36,6 +37,14 @@ def _existing(path: Path, option: str) -> Path:
     return path
 
 
+def _against(truth: Path, score: Callable[[], dict]) -> dict:
+    """Run a scorer; an id the ground truth holds twice is reported against the ground-truth file."""
+    try:
+        return score()
+    except DuplicateIdError as err:
+        raise DataFormatError(f"{truth}: {err}") from None
+
+
 def evaluate_vqa(annotations: Path, predictions: Path, questions: Path | None = None,
                  rules: str = "current", allow_missing: bool = False) -> dict:
     """Official VQA accuracy of a results file [{question_id, answer}] against annotation files."""
@@ -49,7 +58,7 @@ def evaluate_vqa(annotations: Path, predictions: Path, questions: Path | None = 
             raise DataFormatError(
                 f"{questions} and {annotations} do not hold the same questions "
                 f"({len(diff)} differ, first: {diff[:5]})")
-    return vqa_accuracy(anns, preds, rules=rules, allow_missing=allow_missing)
+    return _against(annotations, lambda: vqa_accuracy(anns, preds, rules=rules, allow_missing=allow_missing))
 
 
 def evaluate_gqa(questions: Path, predictions: Path, choices: Path | None = None,
@@ -58,14 +67,14 @@ def evaluate_gqa(questions: Path, predictions: Path, choices: Path | None = None
     preds = read_gqa_predictions(_existing(Path(predictions), "--predictions"))
     qs = read_gqa_questions(_existing(Path(questions), "--questions"))
     ch = None if choices is None else read_gqa_choices(_existing(Path(choices), "--choices"))
-    return gqa_metrics(qs, preds, ch, allow_missing=allow_missing)
+    return _against(questions, lambda: gqa_metrics(qs, preds, ch, allow_missing=allow_missing))
 
 
 def evaluate_nlvr2(data: Path, predictions: Path, allow_missing: bool = False) -> dict:
     """NLVR2 accuracy and consistency of an `identifier,True|False` CSV."""
     preds = read_nlvr2_predictions(_existing(Path(predictions), "--predictions"))
     examples = read_nlvr2(_existing(Path(data), "--data"))
-    return nlvr2_metrics(examples, preds, allow_missing=allow_missing)
+    return _against(data, lambda: nlvr2_metrics(examples, preds, allow_missing=allow_missing))
 
 
 def _vqa(args: argparse.Namespace) -> dict:

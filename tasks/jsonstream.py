@@ -23,6 +23,14 @@ class DataFormatError(ValueError):
     """A data or prediction file that does not hold what its format promises (names file and record)."""
 
 
+def _unparsable(err: Exception) -> str:
+    """Why json gave up on a value it did not call a syntax error: nesting past Python's recursion limit
+    (RecursionError), or an integer longer than int() converts (ValueError)."""
+    if isinstance(err, RecursionError):
+        return "invalid JSON: nested too deeply to parse"
+    return f"invalid JSON: {str(err).split(';')[0]}"
+
+
 class _Scanner:
     """A cursor over a JSON text that decodes one value at a time and refills its buffer on demand."""
 
@@ -89,6 +97,8 @@ class _Scanner:
                 if cut and self._fill(len(self._buf)):
                     continue
                 raise self.error(f"invalid JSON: {err.msg}", err.pos) from None
+            except (RecursionError, ValueError) as err:
+                raise self.error(_unparsable(err)) from None
             if _NUMBER_TAIL.fullmatch(self._buf, end) and self._fill(self._chunk):
                 continue  # a number cut by the buffer's end ("12", "-0.", "1e") goes on in the next chunk
             self._pos = end
@@ -209,6 +219,8 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
                         yield lineno, json.loads(line)
                     except json.JSONDecodeError as err:
                         raise DataFormatError(f"{path}: line {lineno}: invalid JSON: {err.msg}") from None
+                    except (RecursionError, ValueError) as err:
+                        raise DataFormatError(f"{path}: line {lineno}: {_unparsable(err)}") from None
         except UnicodeDecodeError as err:
             raise DataFormatError(f"{path}: not UTF-8 text ({err.reason})") from None
 
@@ -225,6 +237,8 @@ def load_json(path: str | os.PathLike[str]) -> Any:
             ) from None
         except UnicodeDecodeError as err:
             raise DataFormatError(f"{path}: not UTF-8 text ({err.reason})") from None
+        except (RecursionError, ValueError) as err:
+            raise DataFormatError(f"{path}: {_unparsable(err)}") from None
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

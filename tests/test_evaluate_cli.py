@@ -138,3 +138,43 @@ def test_python_dash_m_entry_point(tmp_path):
     assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
     expected = f"error: {csv}: line 1: expected `identifier,True|False`, got 'dev-850-0-0,Perhaps'\n"
     assert bad.stderr == expected
+
+
+@pytest.mark.parametrize("option", ["--annotations", "--predictions", "--questions"])
+def test_json_nested_100000_deep_exits_2_with_one_line(vqa, option):
+    """json gives up with a RecursionError at this depth; the command line reports it as bad input."""
+    deep, nested = vqa["dir"] / "deep.json", "[" * 100_000 + "]" * 100_000
+    key = {"--annotations": "annotations", "--questions": "questions"}.get(option)
+    deep.write_text(nested if key is None else f'{{"{key}": {nested}}}')
+    preds = write(vqa["dir"] / "p.json", [{"question_id": i, "answer": "yes"} for i in (1, 2, 3)])
+    files = {"--annotations": vqa["a"], "--predictions": preds, "--questions": vqa["q"], option: deep}
+    argv = [str(a) for pair in files.items() for a in pair]
+    proc = subprocess.run([sys.executable, "-m", "tasks.evaluate", "vqa", *argv], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(f"error: {deep}:") and "nested too deeply to parse" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_gqa_and_nlvr2_deep_truth_files_exit_2(capsys, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("{\"q\": " + "[" * 100_000 + "]" * 100_000 + "}")
+    preds = write(tmp_path / "p.json", [])
+    code, out, err = run(capsys, "gqa", "--questions", deep, "--predictions", preds)
+    assert code == 2 and out == "" and err == f"error: {deep}: key 'q': invalid JSON: nested too deeply to parse " \
+                                              "(character 6)\n"
+    lines = tmp_path / "d.jsonl"
+    lines.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp_path / "p.csv").write_text("")
+    code, out, err = run(capsys, "nlvr2", "--data", lines, "--predictions", tmp_path / "p.csv")
+    assert code == 2 and err == f"error: {lines}: line 1: invalid JSON: nested too deeply to parse\n"
+
+
+def test_duplicated_annotation_exits_2(capsys, vqa):
+    anns = json.loads(vqa["a"].read_text())
+    anns["annotations"].append(anns["annotations"][1])
+    twice = write(vqa["dir"] / "twice.json", anns)
+    preds = write(vqa["dir"] / "p.json", [{"question_id": i, "answer": "yes"} for i in (1, 2, 3)])
+    code, out, err = run(capsys, "vqa", "--annotations", twice, "--predictions", preds)
+    assert (code, out) == (2, "")
+    assert err == f"error: {twice}: question 2 appears twice in the ground truth; each question must be scored once\n"

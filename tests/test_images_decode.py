@@ -1,4 +1,5 @@
 """load_image: the pixels cv2.imread(IMREAD_COLOR) would give, and short reasons for files it cannot read."""
+import os
 import struct
 import zlib
 
@@ -8,7 +9,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from extractor.images import ImageReadError, image_id, list_images, load_image
+from extractor.images import DEFAULT_MAX_PIXELS, ImageReadError, image_id, list_images, load_image
 
 ASTRONAUT = skimage.data.astronaut()  # (512, 512, 3) RGB photo
 CAMERA = skimage.data.camera()        # (512, 512) grayscale photo
@@ -124,6 +125,65 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
     assert reason_with(tmp_path / "bomb.png", max_pixels=10**7) == "too large: 5000x4000 pixels > 10000000"
     (tmp_path / "huge.png").write_bytes(png_header_only(30000, 30000))  # 900 MP: over the default limit
     assert reason(tmp_path / "huge.png").startswith("too large")
+
+
+def test_size_limit_is_one_constant_and_names_the_size_even_past_pillows_own_limit(tmp_path):
+    """Pillow refuses over 2 x Image.MAX_IMAGE_PIXELS by itself; our limit decides alone and says the size."""
+    assert DEFAULT_MAX_PIXELS == 89_478_485 == 2 ** 30 // 4 // 3
+    (tmp_path / "over.png").write_bytes(png_header_only(9460, 9460))  # 89,491,600
+    assert reason(tmp_path / "over.png") == "too large: 9460x9460 pixels > 89478485"
+    (tmp_path / "huge.png").write_bytes(png_header_only(15000, 13000))  # 195 MP: Pillow's own error before
+    assert reason(tmp_path / "huge.png") == "too large: 15000x13000 pixels > 89478485"
+    assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS  # Pillow's global is left as it was
+
+
+def test_raised_limit_decodes_what_pillow_alone_would_refuse(tmp_path, monkeypatch):
+    """A scaled-down stand-in for a 200 MP scan: Pillow's limit at 1,000 refuses 64 x 64 (over 2,000) by itself."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.fromarray(ASTRONAUT[:64, :64]).save(tmp_path / "scan.png")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "scan.png")
+    assert reason_with(tmp_path / "scan.png", max_pixels=4095) == "too large: 64x64 pixels > 4095"
+    np.testing.assert_array_equal(load_image(tmp_path / "scan.png", max_pixels=4096), bgr(ASTRONAUT[:64, :64]))
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_symlinks_in_a_folder_are_listed_and_broken_ones_give_reasons(tmp_path):
+    Image.fromarray(ASTRONAUT[:32, :48]).save(tmp_path / "good.png")
+    for name, target in (("link.png", "good.png"), ("dangling.jpg", "gone/missing.jpg"), ("loop.jpg", "loop.jpg"),
+                         ("ping.jpg", "pong.jpg"), ("pong.jpg", "ping.jpg")):
+        os.symlink(target, tmp_path / name)
+    names = ["dangling.jpg", "good.png", "link.png", "loop.jpg", "ping.jpg", "pong.jpg"]
+    assert list_images(tmp_path) == [tmp_path / n for n in names]
+    np.testing.assert_array_equal(load_image(tmp_path / "link.png"), load_image(tmp_path / "good.png"))
+    assert reason(tmp_path / "dangling.jpg") == "dangling symlink -> gone/missing.jpg"
+    assert reason(tmp_path / "loop.jpg") == "symlink loop"
+    assert reason(tmp_path / "ping.jpg") == "symlink loop"
+    # a list file naming a broken link lists it too (its failure is the image's); a name with nothing behind it
+    # is a mistake in the list, refused before any work
+    lst = tmp_path / "list.txt"
+    lst.write_text("good.png\ndangling.jpg\nloop.jpg\n")
+    assert list_images(lst) == [tmp_path / n for n in ("good.png", "dangling.jpg", "loop.jpg")]
+    lst.write_text("good.png\nnothing.jpg\n")
+    with pytest.raises(FileNotFoundError, match=r"list\.txt:2: .*nothing\.jpg"):
+        list_images(lst)
+    with pytest.raises(FileNotFoundError, match=r"dangling\.jpg does not exist \(a dangling symlink -> gone"):
+        list_images(str(tmp_path / "dangling.jpg"))
+
+
+def test_names_that_are_not_utf8_are_refused_before_work(tmp_path):
+    """An id the feature store could not hold (a Latin-1 file name) is named up front, not at the first flush."""
+    Image.fromarray(ASTRONAUT[:8, :8]).save(tmp_path / "ok.png")
+    (tmp_path / "sub").mkdir()
+    latin1 = os.path.join(os.fsencode(tmp_path / "sub"), b"caf\xe9.png")
+    with open(latin1, "wb") as f:
+        f.write((tmp_path / "ok.png").read_bytes())
+    with pytest.raises(ValueError, match=r"not valid UTF-8 \(rename them\): .*: b'.*/sub/caf\\xe9\.png'"):
+        list_images(tmp_path)
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"ok.png\nsub/caf\xe9.png\n")
+    with pytest.raises(ValueError, match=r"list\.txt:2: b'.*caf\\xe9\.png'"):
+        list_images(lst)
 
 
 def test_bad_files_give_short_reasons(tmp_path):

@@ -106,3 +106,14 @@ def test_missing_and_unknown_predictions(tmp_path):
     test_split = {"t1": {"imageId": "n1", "question": "Q?", "isBalanced": True}}
     with pytest.raises(PredictionError, match="balanced question 't1' has no answer"):
         gqa_metrics(write_questions(tmp_path / "t.json", test_split), {"t1": "yes"})
+
+
+def test_a_duplicated_question_is_refused(tmp_path):
+    """eval.py loads the questions with json.load, which keeps the last of two equal keys (and a chunk folder
+    with dict.update, the last chunk's copy); our streaming reader sees both copies, and the scorer refuses."""
+    one = json.dumps(QUESTIONS["3"])
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps(QUESTIONS)[:-1] + f', "3": {one}}}')
+    with pytest.raises(PredictionError, match=r"^question '3' appears twice in the ground truth; each question "
+                                              r"must be scored once$"):
+        gqa_metrics(read_gqa_questions(path), PREDICTIONS)

@@ -91,3 +91,11 @@ def test_prediction_readers_reject_malformed_records(tmp_path):
     (tmp_path / "n.csv").write_text("identifier,prediction\ndev-1-0-0,true\n\ndev-1-1-0,maybe\n")
     with pytest.raises(DataFormatError, match=r"n.csv: line 4: expected `identifier,True\|False`"):
         read_nlvr2_predictions(tmp_path / "n.csv")
+
+
+def test_a_duplicated_example_is_refused_not_scored_twice(dev):
+    """metrics.py counts each line of the labels file (a repeat would count twice; with every identifier
+    predicted it stops at its own 'Some predictions are missing!' check); here a repeat is refused."""
+    twice = [*dev[:8], dev[3]]
+    with pytest.raises(PredictionError, match=r"^example 'dev-850-1-0' appears twice in the ground truth"):
+        nlvr2_metrics(twice, {e.identifier: True for e in dev[:8]})

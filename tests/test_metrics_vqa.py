@@ -93,3 +93,14 @@ def test_soft_score_accuracy_is_the_mean_label_score():
     assert soft_score_accuracy({1: "yes", 2: "2", 3: "blue"}, labels) == pytest.approx((1 + 0.3 + 0) / 3)
     with pytest.raises(PredictionError, match="1 predictions have no label"):
         soft_score_accuracy({5: "x"}, labels)
+
+
+def test_a_duplicated_annotation_is_refused_not_scored_twice():
+    """vqaEval.py scores every entry of the annotations list, so a repeated question counts twice (against the
+    last copy's answers); the three scorers here refuse any ground-truth id met twice."""
+    twice = [*ANNS, ann(3, "what color is the", "other", answers(("red", 10)))]
+    with pytest.raises(PredictionError, match=r"^question 3 appears twice in the ground truth; each question "
+                                              r"must be scored once$"):
+        vqa_accuracy(twice, {1: "yes", 2: "two", 3: "red", 4: "Blue"})
+    with pytest.raises(PredictionError, match="question 3 appears twice"):
+        vqa_accuracy(twice, {1: "yes"}, allow_missing=True)

@@ -133,3 +133,32 @@ def test_atomic_writers_replace_whole_files_and_leave_no_temporaries(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(path, {"bad": object()})
     assert path.read_text() == "second" and [p.name for p in path.parent.iterdir()] == ["out.json"]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("text, read, message", [
+    (DEEP, lambda p: list(iter_array(p)), r"d.json: record 0: invalid JSON: nested too deeply to parse"),
+    ('{"q": ' + DEEP + "}", lambda p: list(iter_object(p)), r"d.json: key 'q': invalid JSON: nested too deeply"),
+    ('{"a": [' + DEEP + "]}", lambda p: [list(v) for _, v in iter_members(p, stream={"a"})],
+     r"d.json: 'a' record 0: invalid JSON: nested too deeply"),
+    ('{"a": 1}\n' + DEEP + "\n", lambda p: list(iter_jsonl(p)), r"d.json: line 2: invalid JSON: nested too deeply"),
+    (DEEP, load_json, r"d.json: invalid JSON: nested too deeply to parse$"),
+    ("[" + "7" * 5000 + "]", load_json, r"d.json: invalid JSON: Exceeds the limit \(4300 digits\)"),
+    ("[" + "7" * 5000 + "]", lambda p: list(iter_array(p)), r"d.json: record 0: invalid JSON: Exceeds the limit"),
+])
+def test_too_deep_or_too_long_values_are_data_errors_naming_the_file(tmp_path, text, read, message):
+    """json raises RecursionError / a bare ValueError on these, not JSONDecodeError; both name the file."""
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    with pytest.raises(DataFormatError, match=message):
+        read(path)
+
+
+def test_pre_work_json_check_reports_deep_nesting_in_one_line(tmp_path):
+    from pipeline.base import json_check
+    path = tmp_path / "corpus.json"
+    path.write_text(DEEP)
+    with pytest.raises(DataFormatError, match=r"^\S*corpus.json: invalid JSON: nested too deeply to parse$"):
+        json_check("[")(path)

@@ -24,9 +24,10 @@ from PIL import Image
 from pipeline_helpers import feature_arrays, sample_images, tiny_detector_weights
 from skimage import data
 
+from extractor.__main__ import main as extractor_cli
 from extractor.config import DetectorConfig
 from extractor.detector import VGDetector
-from extractor.extract import BoxRule, extract_features, to_record
+from extractor.extract import BoxRule, ExtractionError, extract_features, to_record
 from extractor.images import load_image
 from extractor.store import FeatureReader, validate
 from extractor.weights import load_detectron2_weights
@@ -169,6 +170,53 @@ def test_bad_files_are_listed_and_valid_images_get_their_true_features(mixed, tm
         tmp_path / "direct.h5.failures.jsonl").read_text()
     summary = json.loads((task.output_dir() / "summary.json").read_text())
     assert (summary["images"], summary["failed"]) == (8, 5)
+
+
+def failure_reasons(output: Path) -> dict[str, str]:
+    lines = Path(str(output) + ".failures.jsonl").read_text(encoding="utf-8").splitlines()
+    return {json.loads(x)["img_id"]: json.loads(x)["reason"] for x in lines}
+
+
+def test_broken_symlinks_and_images_over_max_pixels_are_failure_entries(mixed, tmp_path, monkeypatch):
+    """Dangling and looping links used to vanish from the listing; now each is a failure counted against
+    max_failure_ratio, a link to a good image is extracted as that image, and max_pixels decides "too large"."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    photo = data.coffee()[::2, ::2]  # 200 x 300 = 60,000 pixels
+    Image.fromarray(photo).save(folder / "upright.png")
+    Image.fromarray(np.tile(photo, (2, 2, 1))).save(folder / "big.png")  # 400 x 600 = 240,000 pixels
+    os.symlink("upright.png", folder / "link.png")
+    os.symlink("gone.jpg", folder / "dangling.jpg")
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    run = dict(weights=mixed["weights"], config=mixed["config"], boxes=BOXES, num_workers=0, progress=False)
+
+    with pytest.raises(ExtractionError, match=r"3 of 5 images could not be read, more than max_failure_ratio=0\.4"):
+        extract_features(folder, output=tmp_path / "strict.h5", max_pixels=100_000, max_failure_ratio=0.4, **run)
+    s = extract_features(folder, output=tmp_path / "small.h5", max_pixels=100_000, max_failure_ratio=0.6, **run)
+    assert (s["images"], s["stored"], s["failed"]) == (5, 2, 3)
+    assert failure_reasons(tmp_path / "small.h5") == {
+        "big": "too large: 600x400 pixels > 100000", "dangling": "dangling symlink -> gone.jpg",
+        "loop": "symlink loop"}
+    reader = FeatureReader(tmp_path / "small.h5")
+    assert reader.ids == ["link", "upright"]
+    np.testing.assert_array_equal(reader.get("link").features, reader.get("upright").features)
+
+    s = extract_features(folder, output=tmp_path / "raised.h5", max_pixels=240_000, max_failure_ratio=0.6, **run)
+    assert (s["stored"], s["failed"]) == (3, 2) and FeatureReader(tmp_path / "raised.h5").get("big").img_w == 600
+    with pytest.raises(ExtractionError, match="max_pixels must be a positive integer, got 0"):
+        extract_features(folder, output=tmp_path / "zero.h5", max_pixels=0, **run)
+    assert extractor_cli(["--images", str(folder), "--weights", str(mixed["weights"]), "--config", str(mixed["config"]),
+                          "--output", str(tmp_path / "cli.h5"), "--boxes", str(BOXES), "--workers", "0",
+                          "--max-failure-ratio", "0.6", "--max-pixels", "100000", "--no-progress"]) == 0
+    assert failure_reasons(tmp_path / "cli.h5") == failure_reasons(tmp_path / "small.h5")
+
+    # the luigi parameter reaches the shards
+    monkeypatch.setenv("LXMERT_WORKDIR", str(tmp_path / "work"))
+    task = ExtractFeatures(**explicit(ExtractFeatures, images=str(folder), weights=str(mixed["weights"]),
+                                      config=str(mixed["config"]), boxes=BOXES, max_failure_ratio=0.6,
+                                      max_pixels=100_000, decode_workers=0))
+    assert build(task) == luigi.LuigiStatusCode.SUCCESS
+    assert failure_reasons(ExtractFeatures.path(task.output_dir())) == failure_reasons(tmp_path / "small.h5")
 
 
 # ------------------------------------------------------------------ SIGKILL during the luigi task

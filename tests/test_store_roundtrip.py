@@ -16,6 +16,7 @@ from extractor.store import (
     FeatureWriter,
     ImageFeatures,
     failures_path,
+    merge,
     parts_dir,
     validate,
 )
@@ -151,6 +152,41 @@ def test_bad_records_refused_naming_image(tmp_path, change, message):
         with pytest.raises(FeatureStoreError, match=rf"image img0007: .*{message}"):
             w.add(rec)
         assert w.done_ids() == set()
+
+
+@pytest.mark.parametrize("img_id, message", [
+    ("img\x000007", r"img_id 'img\\x000007' contains a NUL character, which HDF5 strings cannot hold"),
+    ("img\udcff", r"img_id 'img\\udcff' is not valid UTF-8"),
+    ("", "img_id must be a non-empty string"),
+])
+def test_ids_hdf5_cannot_hold_are_refused_at_add_not_at_flush(tmp_path, img_id, message):
+    """A NUL used to pass add() and crash the flush ("VLEN strings do not support embedded NULLs"),
+    a lone surrogate (a non-UTF-8 file name) with a UnicodeEncodeError; both are refused by name."""
+    rec = make_record(7, n=2)
+    rec.img_id = img_id
+    with FeatureWriter(tmp_path / "b.h5", max_boxes=K, feature_dim=D) as w:
+        with pytest.raises(FeatureStoreError, match=f"^record {message}"):
+            w.add(rec)
+        w.add(make_record(1))
+        w.finalize()
+    assert FeatureReader(tmp_path / "b.h5").ids == ["img0001"]
+
+
+def test_other_control_characters_are_stored_and_merged_intact(tmp_path):
+    """Ids and paths with a tab, U+2028 or DEL are kept as they are; the merged failures file keeps one
+    entry a line (str.splitlines used to cut entries at U+2028)."""
+    odd = ["tab\there", "line\u2028sep", "del\x7f", "nel\x85"]
+    for k, img_id in enumerate(odd):
+        rec = make_record(k, n=1)
+        rec.img_id = img_id
+        with FeatureWriter(tmp_path / f"s{k}.h5", max_boxes=K, feature_dim=D) as w:
+            w.add(rec)
+            w.add_failure(f"{img_id}.jpg", f"{img_id}-bad", "not an image")
+            w.finalize()
+    merge([tmp_path / f"s{k}.h5" for k in range(len(odd))], tmp_path / "m.h5")
+    assert FeatureReader(tmp_path / "m.h5").ids == odd
+    lines = failures_path(tmp_path / "m.h5").read_text(encoding="utf-8").split("\n")
+    assert [json.loads(x)["img_id"] for x in lines if x] == [f"{i}-bad" for i in odd]
 
 
 def test_too_many_boxes_and_duplicates_refused(tmp_path):

@@ -89,6 +89,9 @@ def good_row(img_id="a", n=2, d=3):
     (lambda r: r[:8] + [b64([1, 2, 3], "<f4")] + r[9:], "boxes: 12 bytes, want 8 x 4"),
     (lambda r: r[:3] + [b64([1], "<i8")] + r[4:], "objects_id: 8 bytes, want 2 x 8"),
     (lambda r: r[:9] + [b64(np.ones(5), "<f4")], "features: 5 floats do not split into 2 boxes"),
+    (lambda r: r[:1] + [" 10"] + r[2:], "img_h: not an integer: ' 10'"),
+    (lambda r: r[:2] + ["2_0"] + r[3:], "img_w: not an integer: '2_0'"),
+    (lambda r: ["a\x00b"] + r[1:], "img_id 'a\\x00b' contains a NUL character, which HDF5 strings cannot hold"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, edit, message):
     p = tmp_path / "bad.tsv"
@@ -97,6 +100,54 @@ def test_bad_rows_name_file_and_line(tmp_path, edit, message):
     assert next(it).img_id == "ok"  # rows stream: the good first row arrives before the error
     with pytest.raises(TsvError, match=r"bad\.tsv:2: " + re.escape(message)):
         next(it)
+
+
+@pytest.mark.parametrize("fields, at, message", [
+    (good_row("okay1"), 0, "field 1 (img_id): not UTF-8 text (byte 0xe9 at character 4)"),
+    (good_row("okay1"), 9, "field 10 (features): not UTF-8 text (byte 0xe9 at character 4)"),
+    (good_row("okay1")[:1] + good_row("okay1")[2:3] + good_row("okay1")[1:2] + good_row("okay1")[7:], 0,
+     "field 1 (image_id): not UTF-8 text"),
+    (good_row("okay1")[:4], 2, "field 3: not UTF-8 text (byte 0xe9 at character 3)"),
+])
+def test_bytes_that_are_not_utf8_name_file_line_and_field(tmp_path, fields, at, message):
+    """A Latin-1 byte (0xe9) in any field: one error naming the file, line and field, not a UnicodeDecodeError."""
+    raw = [f.encode() for f in fields]
+    raw[at] = raw[at][:3] + b"\xe9" + raw[at][3:]
+    p = tmp_path / "latin1.tsv"
+    p.write_bytes(b"\t".join(x.encode() for x in good_row("first")) + b"\r\n\r\n" + b"\t".join(raw) + b"\r\n")
+    with pytest.raises(TsvError, match=r"latin1\.tsv:3: " + re.escape(message)):
+        list(read_tsv(p))
+    with pytest.raises(TsvError, match=r"latin1\.tsv:3: "):
+        import_tsv(p, tmp_path / "x.h5")
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_huge_num_boxes_is_refused_before_allocating(tmp_path):
+    """A Caffe row declaring 10^12 boxes over empty buffers fails on the box count, not in np.full."""
+    p = tmp_path / "caffe.tsv"
+    p.write_text("\t".join(["a", "20", "10", str(10 ** 12), "", ""]) + "\r\n")
+    with pytest.raises(TsvError, match=r"caffe\.tsv:1: boxes: 0 bytes, want 4000000000000 x 4"):
+        list(read_tsv(p))
+
+
+def test_byte_order_mark_is_not_part_of_the_first_id(tmp_path):
+    p = tmp_path / "bom.tsv"
+    p.write_bytes(b"\xef\xbb\xbf" + "\t".join(good_row("COCO_1")).encode() + b"\r\n")
+    assert [r.img_id for r in read_tsv(p)] == ["COCO_1"]
+
+
+def test_export_refuses_ids_a_tsv_cannot_carry(tmp_path):
+    for img_id in ("a\tb", "a\nb", '"quoted'):
+        d = tmp_path / str(abs(hash(img_id)))
+        d.mkdir()
+        with FeatureWriter(d / "a.h5", max_boxes=1, feature_dim=3, dtype="float32") as w:
+            w.add(ImageFeatures(img_id, 10, 20, np.zeros((1, 4), np.float32), np.ones((1, 3), np.float32),
+                                np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros(1, np.int64),
+                                np.zeros(1, np.float32)))
+            w.finalize()
+        with pytest.raises(ValueError, match=re.escape(f"image id {img_id!r} cannot be a TSV field")):
+            export_tsv(d / "a.h5", d / "a.tsv")
+        assert not (d / "a.tsv").exists()
 
 
 def test_import_refuses_inconsistent_feature_size(tmp_path):

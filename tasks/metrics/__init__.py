@@ -1,5 +1,5 @@
 """Official metrics of VQA v2, GQA and NLVR2, and the benchmarks' submission files."""
-from tasks.metrics.common import PredictionError, check_coverage
+from tasks.metrics.common import DuplicateIdError, PredictionError, check_coverage
 from tasks.metrics.gqa import gqa_metrics
 from tasks.metrics.nlvr2 import nlvr2_metrics
 from tasks.metrics.submission import (
@@ -13,6 +13,7 @@ from tasks.metrics.submission import (
 from tasks.metrics.vqa import soft_score_accuracy, vqa_accuracy, vqa_question_accuracy
 
 __all__ = [
+    "DuplicateIdError",
     "PredictionError",
     "check_coverage",
     "gqa_metrics",

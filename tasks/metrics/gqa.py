@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 
-from tasks.metrics.common import PredictionError, check_coverage
+from tasks.metrics.common import DuplicateIdError, PredictionError, check_coverage
 from tasks.readers import GQAChoices, GQAQuestion
 
 # For "...in common?" questions (types.detailed containing "Common") the official evaluation
@@ -52,7 +52,7 @@ def gqa_metrics(
     known: set[str] = set()
     for q in questions:
         if q.question_id in known:
-            raise PredictionError(f"question {q.question_id!r} appears twice among the questions")
+            raise DuplicateIdError.of("question", q.question_id)
         known.add(q.question_id)
         if q.is_balanced:
             if q.answer is None:
