@@ -312,3 +312,14 @@ def test_validate_features_task_refuses_hostile_files(kind, tmp_path):
     assert proc.returncode != 0
     assert f"ValidateFeatures: {path} has 1 problem(s):\n  {path}: {message}" in out, out[-3000:]
     assert "MemoryError" not in out
+
+
+def test_validate_reports_an_unreadable_chunk_naming_the_file(tmp_path):
+    path = write(tmp_path / "f.h5", range(3), compression="gzip")
+    with h5py.File(path) as f:
+        info = f["features"].id.get_chunk_info(1)
+    with open(path, "r+b") as raw:  # a damaged compressed chunk: HDF5 fails to inflate it
+        raw.seek(info.byte_offset)
+        raw.write(b"\xff" * info.size)
+    problems = validate(path)
+    assert problems[-1].startswith(f"{path}: cannot read the data (") and "\n" not in problems[-1], problems
