@@ -201,14 +201,10 @@ def _schema_problems(f: h5py.File) -> list[str]:
         bad.append(f"attribute schema_version is not an integer: {version!r}")
     elif int(version) > SCHEMA_VERSION:
         bad.append(f"schema_version {int(version)} is newer than this code's {SCHEMA_VERSION}")
-    here = Path(f.filename).parent
     for name in FIELDS:
         if f[name].is_virtual:
             for src in f[name].virtual_sources():
-                # HDF5 looks for a relative source next to the virtual file, then from the cwd
-                where = [Path(src.file_name)] if Path(src.file_name).is_absolute() else [
-                    here / src.file_name, Path(src.file_name)]
-                if src.file_name != "." and not any(p.is_file() for p in where):
+                if src.file_name != "." and not _source_path(f.filename, src.file_name).is_file():
                     bad.append(f"{name}: virtual dataset references missing file {src.file_name}")
     return bad
 
