@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
-from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,19 @@ _PER_BOX = ("boxes", "features", "objects_id", "objects_conf", "attrs_id", "attr
 _PART_RE = re.compile(r"part-(\d{6,})\.h5")
 _STR = h5py.string_dtype("utf-8")
 _BLOCK_BYTES = 32 << 20  # bytes of features per block when streaming over a file
+# Bounds on what a file may declare, checked before anything is read, so a corrupt or hostile header cannot
+# make a reader allocate gigabytes. Real files sit far inside them (LXMERT: K = 36 or 100, D = 2048).
+MAX_BOXES = 4096  # K: detectors keep 10-100 boxes an image; even a 64 x 64 grid of cells is 4096
+MAX_FEATURE_DIM = 65536  # D: region features are 1024-4096 wide (2048 for ResNet C5); 16x headroom
+MAX_IMAGE_BYTES = 64 << 20  # one image's features (K * D * itemsize), what one get() reads; also the largest
+# chunk of a compressed dataset, which HDF5 decompresses whole to read any part of it
+_VLEN_BYTES = 16  # HDF5 stores a variable-length string as a 4-byte length and a 12-byte heap reference
+_VIRTUAL_DEPTH = 4  # virtual datasets over virtual datasets, at most this deep
+_ID_BYTES = 256  # budget per image id read in a block (the Python string, its slot, HDF5's buffer)
+_CHUNK_BYTES = 8192  # HDF5's bookkeeping per chunk one read touches (about 6.5 KB measured with HDF5 2.0)
+_MAX_ROW_CHUNKS = 1024  # chunks one image's row may be cut into (our writer: 1), so one get() stays cheap
+_BOX_BYTES = 128  # budget per box of the per-box arrays other than features, with validate's masks
+_REPEAT_BATCH = 1 << 16  # repeated id hashes re-checked per pass over the ids (strings held at once)
 _COMMIT = "commit.json"  # in a parts dir: finalize is renaming its file (holds the file's inode)
 
 
@@ -187,14 +201,10 @@ def _schema_problems(f: h5py.File) -> list[str]:
         bad.append(f"attribute schema_version is not an integer: {version!r}")
     elif int(version) > SCHEMA_VERSION:
         bad.append(f"schema_version {int(version)} is newer than this code's {SCHEMA_VERSION}")
-    here = Path(f.filename).parent
     for name in FIELDS:
         if f[name].is_virtual:
             for src in f[name].virtual_sources():
-                # HDF5 looks for a relative source next to the virtual file, then from the cwd
-                where = [Path(src.file_name)] if Path(src.file_name).is_absolute() else [
-                    here / src.file_name, Path(src.file_name)]
-                if src.file_name != "." and not any(p.is_file() for p in where):
+                if src.file_name != "." and not _source_path(f.filename, src.file_name).is_file():
                     bad.append(f"{name}: virtual dataset references missing file {src.file_name}")
     return bad
 
@@ -213,25 +223,242 @@ def _attr_problems(f: h5py.File) -> list[str]:
     return bad
 
 
+def _bound_problems(f: h5py.File) -> list[str]:
+    """K, D and one image's bytes against the module's limits, from the declared shapes alone."""
+    box, feat = f["boxes"], f["features"]
+    k, d = box.shape[1], feat.shape[2]
+    bad = []
+    if k > MAX_BOXES:
+        bad.append(f"boxes declares shape {box.shape}: K = {k} exceeds the limit {MAX_BOXES}")
+    if d > MAX_FEATURE_DIM:
+        bad.append(f"features declares shape {feat.shape}: D = {d} exceeds the limit {MAX_FEATURE_DIM}")
+    image = k * d * feat.dtype.itemsize
+    if not bad and image > MAX_IMAGE_BYTES:
+        bad.append(f"features declares shape {feat.shape}: one image takes {image} bytes, "
+                   f"over the limit {MAX_IMAGE_BYTES}")
+    return bad
+
+
+def _item_bytes(ds: h5py.Dataset) -> int:
+    """Bytes one element takes in the file (a variable-length string: its reference; the text is elsewhere)."""
+    info = h5py.check_string_dtype(ds.dtype)
+    return _VLEN_BYTES if info is not None and info.length is None else ds.dtype.itemsize
+
+
+def _storage_problems(ds: h5py.Dataset, label: str, full: bool) -> list[str]:
+    """What a (non-virtual) ``ds`` declares but its file does not hold (holes, external data); nothing read.
+
+    Always: uncompressed bytes against the file's size, contiguous storage, compressed chunk size (all O(1)).
+    ``full`` adds stored bytes of chunked data and the count of compressed chunks, O(chunks stored).
+    """
+    dcpl = ds.id.get_create_plist()
+    if dcpl.get_external_count():
+        return [f"{label} keeps its data in external files"]
+    pieces = math.prod(-(-n // c) for n, c in zip(ds.shape[1:], ds.chunks[1:])) if ds.chunks else 1
+    if pieces > _MAX_ROW_CHUNKS:
+        return [f"{label}: chunks of shape {ds.chunks} cut one image into {pieces} pieces, "
+                f"over the limit {_MAX_ROW_CHUNKS}"]
+    if dcpl.get_nfilters():
+        chunk = math.prod(ds.chunks) * _item_bytes(ds)
+        if chunk > MAX_IMAGE_BYTES:
+            return [f"{label}: compressed chunks of {chunk} bytes exceed the limit {MAX_IMAGE_BYTES}"]
+        need = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks))
+        have = ds.id.get_num_chunks() if full else need
+        if have < need:
+            return [f"{label} declares shape {ds.shape} in {need} chunks but stores {have} "
+                    "(unwritten parts read as fill values)"]
+        return []
+    declared = math.prod(ds.shape) * _item_bytes(ds)
+    size = os.path.getsize(ds.file.filename)
+    if declared > size:
+        return [f"{label} declares shape {ds.shape} ({declared} bytes) but the file has {size}"]
+    if full or ds.chunks is None:
+        stored = ds.id.get_storage_size()
+        if stored < declared:
+            return [f"{label} declares shape {ds.shape} but stores {stored} of its {declared} bytes "
+                    "(unwritten parts read as fill values)"]
+    return []
+
+
+def _virtual_rows(ds: h5py.Dataset, label: str) -> tuple[str | None, list[tuple[str, str, Any, int]]]:
+    """(problem, mappings): every row mapped exactly once by blocks of whole rows, else the problem."""
+    dcpl = ds.id.get_create_plist()
+    n, rest = ds.shape[0], ds.shape[1:]
+    spans, maps = [], []
+    for i in range(dcpl.get_virtual_count()):
+        vspace = dcpl.get_virtual_vspace(i)
+        try:
+            lo, hi = vspace.get_select_bounds()
+            points = vspace.get_select_npoints()
+        except (ValueError, RuntimeError, OSError):
+            return f"{label}: virtual mapping {i} has no bounded selection", []
+        if any(lo[1:]) or tuple(x + 1 for x in hi[1:]) != rest or points != (hi[0] - lo[0] + 1) * math.prod(rest):
+            return f"{label}: virtual mapping {i} is not a block of whole rows", []
+        spans.append((lo[0], hi[0]))
+        maps.append((dcpl.get_virtual_filename(i), dcpl.get_virtual_dsetname(i), dcpl.get_virtual_srcspace(i),
+                     points))
+    covered, end = 0, -1
+    for lo, hi in sorted(spans):
+        if lo <= end:
+            return f"{label}: virtual mappings overlap at row {lo}", []
+        covered, end = covered + hi - lo + 1, hi
+    if covered != n:
+        return f"{label}: virtual dataset maps {covered} of its {n} rows", []
+    return None, maps
+
+
+def _source_path(vfile: str, name: str) -> Path:
+    """Where HDF5 finds a virtual source: absolute, or next to the virtual file, else from the cwd."""
+    here = Path(vfile).parent / name
+    return Path(name) if Path(name).is_absolute() or not here.is_file() else here
+
+
+def _maps_inside(space: Any, points: int, shape: tuple[int, ...]) -> bool:
+    """Whether a virtual mapping's source selection lies inside the source (else it reads fill values)."""
+    if space.get_select_type() == h5py.h5s.SEL_ALL:  # the whole source, at its extent when read
+        return math.prod(shape) == points
+    _, hi = space.get_select_bounds()
+    return len(hi) == len(shape) and all(x < m for x, m in zip(hi, shape))
+
+
+def _virtual_problems(items: list[tuple[h5py.Dataset, str, str, bool]], depth: int) -> list[str]:
+    """Virtual datasets bounded by their sources: rows mapped once, onto source rows that exist and are stored.
+
+    ``items``: (dataset, name in the feature file, label, full). Each source file is opened once for all
+    the datasets that map onto it, so a merge of many shards stays cheap to open.
+    """
+    if depth >= _VIRTUAL_DEPTH:
+        return [f"{items[0][1]}: virtual datasets nested deeper than {_VIRTUAL_DEPTH}"]
+    bad: list[str] = []
+    by_file: dict[Path, list[tuple[str, str, Any, int, str, bool]]] = {}
+    for ds, name, label, full in items:
+        problem, maps = _virtual_rows(ds, label)
+        if problem:
+            bad.append(problem)
+        for file_name, dset_name, space, points in maps:
+            where = Path(ds.file.filename) if file_name == "." else _source_path(ds.file.filename, file_name)
+            by_file.setdefault(where, []).append((name, f"{name} (virtual source {where}:{dset_name})",
+                                                  space, points, dset_name, full))
+    for where, uses in by_file.items():
+        try:
+            src = h5py.File(where, "r")
+        except (OSError, ValueError) as e:
+            bad.append(f"{uses[0][1]}: cannot open the source ({e})")
+            continue
+        try:
+            nested = []
+            for name, label, space, points, dset_name, full in uses:
+                sds = src.get(dset_name)
+                if not isinstance(sds, h5py.Dataset):
+                    bad.append(f"{label} is missing")
+                    continue
+                if not _maps_inside(space, points, sds.shape):
+                    bad.append(f"{label}: maps {points} values that do not fit the source's shape {sds.shape}")
+                elif sds.is_virtual:
+                    nested.append((sds, name, label, full))
+                else:
+                    bad += _storage_problems(sds, label, full)
+            if nested:
+                bad += _virtual_problems(nested, depth + 1)
+        finally:
+            src.close()
+    return bad
+
+
+def _size_problems(f: h5py.File, full: bool) -> list[str]:
+    """Declared shapes the file cannot back: over the bounds, beyond its size, unwritten, or badly mapped.
+
+    The reader runs the O(1) checks, plus the full ones on img_id, whose length is what its memory grows
+    with; validate runs them all (``full``), as it reads every chunk anyway.
+    """
+    bad = _bound_problems(f)
+    if bad:
+        return bad
+    virtual = [(f[name], name, name, full or name == "img_id") for name in FIELDS if f[name].is_virtual]
+    for name in FIELDS:
+        if not f[name].is_virtual:
+            bad += _storage_problems(f[name], name, full or name == "img_id")
+    return bad + (_virtual_problems(virtual, 0) if virtual else [])
+
+
 def _open_checked(path: Path) -> h5py.File:
-    """Open a feature file read-only, refusing non-HDF5, truncated or schema-mismatched files."""
+    """Open a feature file read-only, refusing non-HDF5, truncated, schema-mismatched or hostile files.
+
+    Nothing but metadata is read: shapes over the bounds or beyond what the file holds are refused first.
+    """
     try:
         f = h5py.File(path, "r")
     except (OSError, ValueError) as e:
         raise FeatureStoreError(f"{path}: not a readable HDF5 feature file ({e})") from e
+    sizes: list[str] = []
     try:
         problems = _schema_problems(f)
-    except (OSError, ValueError, KeyError) as e:
+        sizes = [] if problems else _size_problems(f, full=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         problems = [f"unreadable structure ({e})"]
     if problems:
         f.close()
         raise FeatureStoreError(f"{path}: does not follow the feature-store schema: {'; '.join(problems)}")
+    if sizes:
+        f.close()
+        more = f" (and {len(sizes) - 1} more problem(s))" if len(sizes) > 1 else ""
+        raise FeatureStoreError(f"{path}: {sizes[0]}{more}")
     return f
 
 
+def _row_chunk_bytes(ds: h5py.Dataset) -> int:
+    """HDF5's bookkeeping per row read (chunks touched times _CHUNK_BYTES); a virtual row counts as one chunk."""
+    if ds.is_virtual:
+        return _CHUNK_BYTES
+    if ds.chunks is None:
+        return 0
+    pieces = math.prod(-(-n // c) for n, c in zip(ds.shape[1:], ds.chunks[1:]))
+    return -(-_CHUNK_BYTES * pieces // ds.chunks[0])
+
+
+def _id_blocks(f: h5py.File) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, ids as an array of str) block by block, so reading ids never holds more than a block extra."""
+    ds = f["img_id"]
+    n = ds.shape[0]
+    step = max(1, _BLOCK_BYTES // (_ID_BYTES + _item_bytes(ds) + _row_chunk_bytes(ds)))
+    for start in range(0, n, step):
+        yield start, ds.asstr()[start: min(n, start + step)]
+
+
 def _read_ids(f: h5py.File) -> list[str]:
-    """All image ids of an open file (the one whole-dataset read the store allows itself)."""
-    return list(f["img_id"].asstr()[()]) if f["img_id"].shape[0] else []
+    """All image ids of an open file in row order (the reader's id list), read block by block."""
+    out: list[str] = []
+    for _, ids in _id_blocks(f):
+        out.extend(ids.tolist())
+    return out
+
+
+def _hashes(ids: np.ndarray) -> np.ndarray:
+    """64-bit hashes of ids: Python's SipHash, keyed at random per process, so a file cannot aim collisions."""
+    return np.fromiter(map(hash, ids), np.int64, count=len(ids))
+
+
+def _repeats(hashes: np.ndarray, blocks: Callable[[], Iterable[tuple[Any, np.ndarray]]]
+             ) -> Iterator[tuple[str, Any, Any]]:
+    """Each id present twice or more, once: (id, label of its first block, label of its second); exact.
+
+    Sorts ``hashes`` (one per id, in row order) in place, then re-reads the ids (``blocks()`` yields
+    (label, ids) in the same order) and compares the strings of those whose hash repeats, at most
+    _REPEAT_BATCH hashes a pass. Memory: the 8 bytes an id of ``hashes``, plus the repeated ids of one batch.
+    """
+    hashes.sort()
+    twice = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    for start in range(0, len(twice), _REPEAT_BATCH):
+        batch = twice[start: start + _REPEAT_BATCH]
+        first: dict[str, Any] = {}
+        told: set[str] = set()
+        for label, ids in blocks():
+            for img_id in ids[np.isin(_hashes(ids), batch)].tolist():
+                if img_id not in first:
+                    first[img_id] = label
+                elif img_id not in told:
+                    told.add(img_id)
+                    yield img_id, first[img_id], label
 
 
 class _Record:
@@ -809,9 +1036,13 @@ class _Tally:
 
 
 def validate(path: str | os.PathLike, boxes: int | None = None, dim: int | None = None) -> list[str]:
-    """Every problem of a feature file (schema, bounds, padding, NaN/Inf, duplicates); [] when sound.
+    """Every problem of a feature file (schema, bounds, storage, padding, NaN/Inf, duplicates); [] when sound.
 
-    Streams over the images in blocks, so memory does not grow with the file.
+    Shapes over the bounds, or that the file does not hold (unwritten chunks that would read as fill values),
+    are refused before any data is read. The rest streams in blocks of about _BLOCK_BYTES (images, or part
+    of one image's boxes when one image alone is larger), so memory does not grow with the file but for
+    8 bytes an image: duplicate ids are found in a sorted array of 64-bit hashes, the ids whose hash repeats
+    re-read and compared exactly.
     """
     path = Path(path)
     if not path.is_file():
@@ -821,36 +1052,82 @@ def validate(path: str | os.PathLike, boxes: int | None = None, dim: int | None 
     except FeatureStoreError as e:
         return [str(e)]
     with f:
+        stored = _size_problems(f, full=True)
+        if stored:
+            return [f"{path}: {problem}" for problem in stored]
         bad = _attr_problems(f)
         k, d = f["boxes"].shape[1], f["features"].shape[2]
         if boxes is not None and k != boxes:
             bad.append(f"K = {k}, expected {boxes}")
         if dim is not None and d != dim:
             bad.append(f"D = {d}, expected {dim}")
-        ids = _read_ids(f)
-        dups = sorted(i for i, c in Counter(ids).items() if c > 1)
-        if dups:
-            bad.append(f"img_id has duplicates: {len(dups)} id(s), e.g. {', '.join(dups[:5])}")
-        if "" in ids:
-            bad.append("img_id has empty strings")
-        tally = _Tally()
-        step = max(1, _BLOCK_BYTES // max(1, k * d * f["features"].dtype.itemsize))
-        for start in range(0, len(ids), step):
-            sl = slice(start, start + step)
-            _check_block(f, sl, ids[sl], k, tally)
+        try:
+            return bad + _check_values(f, k, d)
+        except OSError as e:
+            return [*bad, f"{path}: cannot read the data ({e})"]
+
+
+def _block_shape(f: h5py.File, k: int, d: int) -> tuple[int, int]:
+    """(images, boxes) per block of validate, so a block, its checks and HDF5's bookkeeping fit _BLOCK_BYTES.
+
+    Holds whatever K and D are: one image larger than the budget is read a few boxes at a time.
+    """
+    per_box = d * (f["features"].dtype.itemsize + 3) + _BOX_BYTES  # features and masks; the other arrays
+    per_block = max(1, _BLOCK_BYTES // per_box)
+    if per_block < k:
+        return 1, per_block
+    per_image = _ID_BYTES + max(_row_chunk_bytes(f[name]) for name in FIELDS)  # datasets are read one by one
+    return max(1, min(per_block // k, _BLOCK_BYTES // per_image)), k
+
+
+def _check_values(f: h5py.File, k: int, d: int) -> list[str]:
+    """Value problems of every image, block by block, and the duplicate and empty ids."""
+    n = f["img_id"].shape[0]
+    rows, box_step = _block_shape(f, k, d)
+    hashes = np.empty(n, np.int64)
+    empty = False
+    tally = _Tally()
+    for start in range(0, n, rows):
+        sl = slice(start, min(n, start + rows))
+        ids = f["img_id"].asstr()[sl]
+        hashes[sl] = _hashes(ids)
+        empty = empty or bool((ids == "").any())
+        _check_rows(f, sl, ids, k, box_step, tally)
+    bad = []
+    count, examples = 0, []
+    for img_id, _, _ in _repeats(hashes, lambda: ((None, block[1]) for block in _id_blocks(f))):
+        count, examples = count + 1, sorted([*examples, img_id])[:5]
+    if count:
+        bad.append(f"img_id has duplicates: {count} id(s), e.g. {', '.join(examples)}")
+    if empty:
+        bad.append("img_id has empty strings")
     return bad + tally.lines()
 
 
-def _check_block(f: h5py.File, sl: slice, ids: list[str], k: int, tally: _Tally) -> None:
-    """Value checks on a block of rows: sizes, box bounds, zero padding, finite values, confidences."""
-    ids_arr = np.array(ids, dtype=object)
-    nb = f["num_boxes"][sl].astype(np.int64)
-    h = f["img_h"][sl].astype(np.float64)
-    w = f["img_w"][sl].astype(np.float64)
-    tally.add("num_boxes outside [0, K]", ids_arr[(nb < 0) | (nb > k)])
-    tally.add("img_h or img_w not positive", ids_arr[(h <= 0) | (w <= 0)])
-    valid = np.arange(k)[None, :] < nb[:, None]  # (B, K) True for real boxes
-    arrays = {name: f[name][sl] for name in _PER_BOX}
+_BOX_KINDS = ("boxes are not pixel x1 y1 x2 y2 inside the image", "rows past num_boxes are not zero",
+              "non-finite features", "objects_conf outside [0, 1]", "attrs_conf outside [0, 1]")
+
+
+def _check_rows(f: h5py.File, rows: slice, ids: np.ndarray, k: int, box_step: int, tally: _Tally) -> None:
+    """Value checks on a block of images, their boxes read box_step at a time; each kind counted once an image."""
+    nb = f["num_boxes"][rows].astype(np.int64)
+    h = f["img_h"][rows].astype(np.float64)
+    w = f["img_w"][rows].astype(np.float64)
+    tally.add("num_boxes outside [0, K]", ids[(nb < 0) | (nb > k)])
+    tally.add("img_h or img_w not positive", ids[(h <= 0) | (w <= 0)])
+    found = {kind: np.zeros(len(ids), bool) for kind in _BOX_KINDS}
+    for start in range(0, k, box_step):
+        for kind, hit in _check_block(f, rows, slice(start, min(k, start + box_step)), nb, h, w).items():
+            found[kind] |= hit
+    for kind, hit in found.items():
+        tally.add(kind, ids[hit])
+
+
+def _check_block(f: h5py.File, rows: slice, boxes: slice, nb: np.ndarray, h: np.ndarray,
+                 w: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image masks of each per-box problem on a block of rows and boxes: bounds, padding, finiteness."""
+    valid = np.arange(boxes.start, boxes.stop)[None, :] < nb[:, None]  # (B, boxes) True for real boxes
+    arrays = {name: f[name][rows, boxes] for name in _PER_BOX}
 
     def per_image(mask: np.ndarray) -> np.ndarray:
         return mask.reshape(mask.shape[0], -1).any(axis=1)
@@ -860,18 +1137,17 @@ def _check_block(f: h5py.File, sl: slice, ids: list[str], k: int, tally: _Tally)
         out = ((b[..., 0] < -BOX_TOLERANCE) | (b[..., 1] < -BOX_TOLERANCE)
                | (b[..., 2] > w[:, None] + BOX_TOLERANCE) | (b[..., 3] > h[:, None] + BOX_TOLERANCE)
                | (b[..., 2] < b[..., 0]) | (b[..., 3] < b[..., 1]) | ~np.isfinite(b).all(axis=-1))
-    tally.add("boxes are not pixel x1 y1 x2 y2 inside the image", ids_arr[per_image(out & valid)])
-    pad = np.zeros(len(ids), bool)
+    pad = np.zeros(len(nb), bool)
     for a in arrays.values():
         m = ~valid if a.ndim == 2 else ~valid[..., None]
         pad |= per_image((a != 0) & m)
-    tally.add("rows past num_boxes are not zero", ids_arr[pad])
-    feats = arrays["features"]
-    tally.add("non-finite features", ids_arr[per_image(~np.isfinite(feats))])
-    for name in ("objects_conf", "attrs_conf"):
+    found = {_BOX_KINDS[0]: per_image(out & valid), _BOX_KINDS[1]: pad,
+             _BOX_KINDS[2]: per_image(~np.isfinite(arrays["features"]))}
+    for kind, name in zip(_BOX_KINDS[3:], ("objects_conf", "attrs_conf")):
         c = arrays[name]
         with np.errstate(invalid="ignore"):
-            tally.add(f"{name} outside [0, 1]", ids_arr[per_image(~((c >= 0) & (c <= 1)))])
+            found[kind] = per_image(~((c >= 0) & (c <= 1)))
+    return found
 
 
 def merge(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, virtual: bool = False,
@@ -893,7 +1169,7 @@ def merge(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, virtua
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"merge: input {p} does not exist")
-    shapes, counts, owner = [], [], {}
+    shapes, counts, hashes = [], [], []
     attrs0: dict[str, Any] = {}
     for p in paths:
         with _open_checked(p) as f:
@@ -907,12 +1183,20 @@ def merge(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, virtua
                 raise FeatureStoreError(f"merge: {p} and {paths[0]} differ in attributes {keys}")
             shapes.append(shape)
             attrs0 = attrs0 or attrs
-            ids = _read_ids(f)
-            for img_id in ids:
-                if img_id in owner:
-                    raise FeatureStoreError(f"merge: image {img_id} is in both {owner[img_id]} and {p}")
-                owner[img_id] = p
-            counts.append(len(ids))
+            h = np.empty(f["img_id"].shape[0], np.int64)
+            for start, ids in _id_blocks(f):
+                h[start: start + len(ids)] = _hashes(ids)
+            hashes.append(h)
+            counts.append(len(h))
+
+    def id_blocks() -> Iterator[tuple[Path, np.ndarray]]:
+        for p in paths:
+            with h5py.File(p, "r") as f:
+                yield from ((p, ids) for _, ids in _id_blocks(f))
+
+    repeat = next(_repeats(np.concatenate(hashes), id_blocks), None)  # 8 bytes an image, not the ids
+    if repeat:
+        raise FeatureStoreError(f"merge: image {repeat[0]} is in both {repeat[1]} and {repeat[2]}")
     k, d, dtype = shapes[0]
     total = sum(counts)
     extra = {key: v for key, v in attrs0.items() if key != "feature_dtype"}
