@@ -18,14 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from extractor.store import (
-    FeatureReader,
-    FeatureStoreError,
-    FeatureWriter,
-    ImageFeatures,
-    atomic_replace,
-    temporary_sibling,
-)
+from extractor.store import FeatureReader, FeatureStoreError, FeatureWriter, ImageFeatures
+from tasks.fileio import atomic_replace, remove_quietly, temporary_sibling, writing
 
 LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
                  "num_boxes", "boxes", "features")
@@ -158,7 +152,7 @@ def export_tsv(h5: str | os.PathLike, tsv: str | os.PathLike, fmt: str = "lxmert
     tmp = temporary_sibling(tsv)
     count = 0
     try:
-        with FeatureReader(h5) as reader, open(tmp, "w", encoding="utf-8", newline="") as out:
+        with FeatureReader(h5) as reader, writing(tsv), open(tmp, "w", encoding="utf-8", newline="") as out:
             for rec in reader:
                 if any(c in rec.img_id for c in "\t\r\n"):
                     raise ValueError(f"{h5}: image id {rec.img_id!r} contains a tab or newline")
@@ -174,6 +168,6 @@ def export_tsv(h5: str | os.PathLike, tsv: str | os.PathLike, fmt: str = "lxmert
                 count += 1
         atomic_replace(tmp, tsv)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise
     return count

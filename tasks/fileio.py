@@ -168,24 +168,37 @@ def append_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 @contextmanager
-def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
+def _renamed(tmp: Path, final: Path) -> Iterator[None]:
+    """Report a WriteError inside the temporary folder `tmp` under its name in `final`."""
+    try:
+        yield
+    except WriteError as exc:
+        name = Path(exc.filename)
+        if name == tmp or tmp in name.parents:
+            raise WriteError(exc.errno, exc.strerror, str(final / name.relative_to(tmp))) from exc
+        raise
+
+
+@contextmanager
+def atomic_directory(final: str | os.PathLike[str], sync: bool = True) -> Iterator[Path]:
     """Build a folder under a temporary sibling name and swap it onto `final` when the block succeeds.
 
-    Its files are fsynced before the swap. On any error the temporary folder is removed and an
-    existing `final` is left as it was; OS errors come out as WriteError naming the file (or the
-    folder, when the error does not say which file).
+    With `sync` its files are fsynced before the swap (a folder of thousands of files that can be
+    made again may skip it). On any error the temporary folder is removed and an existing `final`
+    is left as it was; OS errors come out as WriteError naming the file in `final` (or the folder,
+    when the error does not say which file).
     """
     final = Path(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     moved = False
     try:
-        with writing(final):
+        with _renamed(tmp, final), writing(final):
             for stale in (tmp, old):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
             yield tmp
-            for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            for file in sorted(p for p in tmp.rglob("*") if p.is_file()) if sync else []:
                 fsync_path(file)
             if final.exists():
                 os.replace(final, old)
