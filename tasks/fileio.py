@@ -148,6 +148,18 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, tmp: str | os.
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
+def write_file(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write a whole file in place (str as UTF-8), for files of a folder that is renamed into place whole."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            write_all(fd, data.encode("utf-8") if isinstance(data, str) else data)
+        finally:
+            os.close(fd)
+
+
 def append_text(path: str | os.PathLike[str], text: str) -> None:
     """Append to a file, all or nothing: after a failed write the file is cut back to its old length."""
     path = Path(path)

@@ -481,7 +481,8 @@ def export_model(model: nn.Module, directory: Path) -> None:
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(str(directory))
     else:
-        torch.save(model.state_dict(), directory / "model.pt")
+        with atomic_output(directory / "model.pt") as f:  # through Python, so a full disk names its errno
+            torch.save(model.state_dict(), f)
 
 
 def _export(export_fn: Callable[[nn.Module, Path], None], model: nn.Module, directory: Path) -> None:

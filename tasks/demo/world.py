@@ -36,7 +36,7 @@ from tasks.demo.language import (
     vqa_questions,
 )
 from tasks.demo.scene import SHAPES, SIZES, Scene, Theme, render, sample_scene, sample_theme
-from tasks.fileio import atomic_directory, writing
+from tasks.fileio import atomic_directory, write_file, writing
 from tasks.tokenization import sub_vocabulary
 
 FORMAT = "lxmert-demo-world"
@@ -178,10 +178,7 @@ class _Writer:
 
     def write(self, rel: str, data: bytes | str) -> None:
         """One file of the world (the folder is renamed into place whole, so no file needs its own rename)."""
-        p = self.root / rel
-        with writing(p):
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        write_file(self.root / rel, data)
 
     def json(self, rel: str, data: Any) -> None:
         self.write(rel, json.dumps(data))
