@@ -95,14 +95,23 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int | None 
 
 
 class FdWriter:
-    """A minimal binary file object over a descriptor, for libraries that write to one (torch.save, pickle)."""
+    """A minimal binary file object over a descriptor, for libraries that write to one (torch.save, pickle).
+
+    It keeps the first OS error, because some libraries replace it with their own (torch.save raises
+    a RuntimeError about the zip position when the file's write failed).
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd, self.size = fd, 0
+        self.error: OSError | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        write_all(self.fd, view)
+        try:
+            write_all(self.fd, view)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         self.size += len(view)
         return len(view)
 
@@ -128,17 +137,20 @@ def atomic_output(path: str | os.PathLike[str], tmp: str | os.PathLike[str] | No
     tmp = Path(tmp) if tmp is not None else path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     with writing(path):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC), 0o666)
+    writer = FdWriter(fd)
     try:
         with writing(path):
             try:
-                yield FdWriter(fd)
+                yield writer
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
             fsync_path(path.parent)
-    except BaseException:
+    except BaseException as exc:
         remove_quietly(tmp)
+        if writer.error is not None and isinstance(exc, Exception) and not isinstance(exc, OSError):
+            raise write_error(path, writer.error) from exc  # the library hid the OS error behind its own
         raise
 
 
