@@ -22,7 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tasks.fileio import WriteError, atomic_replace, atomic_write, remove_quietly, temporary_sibling, write_all
+from tasks.fileio import atomic_replace, atomic_write, remove_quietly, temporary_sibling, write_all, write_error
 
 SCHEMA_VERSION = 1
 FIELDS = ("img_id", "img_h", "img_w", "num_boxes", "boxes", "features",
@@ -116,7 +116,7 @@ class _Shielded:
         try:
             self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         except OSError as e:
-            raise WriteError(e.errno, e.strerror, str(final)) from e
+            raise write_error(final, e) from e
 
     def _fail(self, e: OSError) -> None:
         self.error = self.error or e
@@ -184,7 +184,7 @@ class _Shielded:
     def check(self) -> None:
         """Raise the first OS error of the writes so far, naming the final file."""
         if self.error is not None:
-            raise WriteError(self.error.errno, self.error.strerror, str(self.final)) from self.error
+            raise write_error(self.final, self.error) from self.error
 
 
 @contextmanager
