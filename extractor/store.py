@@ -15,12 +15,15 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from tasks.fileio import atomic_replace, atomic_write, remove_quietly, temporary_sibling, write_all, write_error
 
 SCHEMA_VERSION = 1
 FIELDS = ("img_id", "img_h", "img_w", "num_boxes", "boxes", "features",
@@ -111,25 +114,106 @@ def _create_datasets(f: h5py.File, n: int, k: int, d: int, dtype: str, *, chunke
                          compression_opts=compression_opts if chunks else None)
 
 
-def _fsync(path: Path) -> None:
-    """Push a file's (or directory's) bytes to disk so a rename after it cannot expose a hole."""
-    fd = os.open(path, os.O_RDONLY)
+class _Shielded:
+    """The file h5py writes through (its fileobj driver), holding OS errors back from HDF5.
+
+    HDF5 cannot close a file after one of its writes failed: the close may report success with data
+    missing, or crash the process (a segfault in H5D_flush_all, seen with HDF5 2.0 on a full disk).
+    So a failed write is kept in memory instead, HDF5 goes on and closes normally, and the caller
+    raises the error (``check()``) after each block, so at most a block is held.
+    """
+
+    def __init__(self, tmp: Path, final: Path) -> None:
+        self.final, self.pos, self.size = final, 0, 0
+        self.error: OSError | None = None
+        self.held: list[tuple[int, bytes]] = []  # (offset, bytes) written after the error
+        try:
+            self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            raise write_error(final, e) from e
+
+    def _fail(self, e: OSError) -> None:
+        self.error = self.error or e
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence]
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                write_all(self.fd, view, self.pos)
+            except OSError as e:
+                self._fail(e)
+        if self.error is not None:
+            self.held.append((self.pos, bytes(view)))
+        self.pos += len(view)
+        self.size = max(self.size, self.pos)
+        return len(view)
+
+    def read(self, n: int = -1) -> bytes:
+        n = max(0, self.size - self.pos) if n < 0 else n
+        out = bytearray(n)  # past the end of the file reads as zeros, as with HDF5's own driver
+        got = 0
+        try:
+            while got < n:
+                chunk = os.pread(self.fd, n - got, self.pos + got)
+                if not chunk:
+                    break
+                out[got: got + len(chunk)] = chunk
+                got += len(chunk)
+        except OSError as e:
+            self._fail(e)
+        for start, data in self.held:
+            lo, hi = max(start, self.pos), min(start + len(data), self.pos + n)
+            if lo < hi:
+                out[lo - self.pos: hi - self.pos] = data[lo - start: hi - start]
+        self.pos += n
+        return bytes(out)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.pos if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as e:
+                self._fail(e)
+        self.size = size
+        return size
+
+    def flush(self) -> None:
+        """Nothing is buffered here; atomic_replace fsyncs the finished file."""
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError as e:
+            self._fail(e)
+
+    def check(self) -> None:
+        """Raise the first OS error of the writes so far, naming the final file."""
+        if self.error is not None:
+            raise write_error(self.final, self.error) from self.error
+
+
+@contextmanager
+def _h5_create(tmp: Path, final: Path) -> Iterator[tuple[h5py.File, Callable[[], None]]]:
+    """A new HDF5 file at ``tmp`` (for ``final``) and a check to call after each block written.
+
+    OS errors surface as WriteError naming ``final``, from the check or at the end, never inside HDF5.
+    """
+    shield = _Shielded(tmp, final)
     try:
-        os.fsync(fd)
+        with h5py.File(shield, "w") as f:
+            yield f, shield.check
     finally:
-        os.close(fd)
-
-
-def atomic_replace(tmp: Path, final: Path) -> None:
-    """Atomically move a finished temporary file onto its final name, durably."""
-    _fsync(tmp)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-
-
-def temporary_sibling(final: Path) -> Path:
-    """Temporary sibling of a final output (same directory, so os.replace is atomic)."""
-    return final.parent / f".{final.name}.tmp-{os.getpid()}"
+        shield.close()
+    shield.check()
 
 
 def _normalize_attrs(attrs: dict[str, Any] | None) -> dict[str, Any]:
@@ -654,9 +738,7 @@ class FeatureWriter:
         if not meta_file.exists():
             if any(self.parts.glob("part-*.h5")):
                 raise FeatureStoreError(f"{self.parts}: part files without meta.json; delete the directory")
-            tmp = meta_file.with_name("meta.json.tmp")
-            tmp.write_text(json.dumps(meta, sort_keys=True))
-            atomic_replace(tmp, meta_file)
+            atomic_write(meta_file, json.dumps(meta, sort_keys=True), tmp=meta_file.with_name("meta.json.tmp"))
             return
         try:
             old = json.loads(meta_file.read_text())
@@ -738,7 +820,7 @@ class FeatureWriter:
         tmp = final.with_name(final.name + ".tmp")
         recs, k, d = self._records, self.max_boxes, self.feature_dim
         try:
-            with h5py.File(tmp, "w") as f:
+            with _h5_create(tmp, final) as (f, _):
                 _create_datasets(f, len(recs), k, d, self.dtype, chunked=False)
                 if recs:
                     f["img_id"][:] = [r.img_id for r in recs]
@@ -756,7 +838,7 @@ class FeatureWriter:
                                  dtype=_STR)
             atomic_replace(tmp, final)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            remove_quietly(tmp)
             raise
         self._part_files.append((final, [r.img_id for r in recs], [x["img_id"] for x in self._failures]))
         self._next_part += 1
@@ -791,23 +873,22 @@ class FeatureWriter:
         fail_ids = _ordered(failed, order)
         tmp = temporary_sibling(self.path)
         try:
-            with h5py.File(tmp, "w") as out:
+            with _h5_create(tmp, self.path) as (out, check):
                 _create_datasets(out, len(images), self.max_boxes, self.feature_dim, self.dtype, chunked=True,
                                  compression=self.compression, compression_opts=self.compression_opts)
                 _write_attrs(out, self.dtype, self.attrs)
                 with _PartCache() as cache:
-                    self._copy_rows(out, images, where, cache)
+                    self._copy_rows(out, images, where, cache, check)
                     lines = self._failure_lines(fail_ids, failed, cache)
-            ftmp = temporary_sibling(failures_path(self.path))
-            ftmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-            atomic_replace(ftmp, failures_path(self.path))
-            marker = self.parts / (_COMMIT + ".tmp")
-            marker.write_text(json.dumps({"inode": tmp.stat().st_ino}))
-            atomic_replace(marker, self.parts / _COMMIT)
+            atomic_write(failures_path(self.path), "".join(line + "\n" for line in lines),
+                         tmp=temporary_sibling(failures_path(self.path)))
+            atomic_write(self.parts / _COMMIT, json.dumps({"inode": tmp.stat().st_ino}),
+                         tmp=self.parts / (_COMMIT + ".tmp"))
             atomic_replace(tmp, self.path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
-            temporary_sibling(failures_path(self.path)).unlink(missing_ok=True)
+            remove_quietly(tmp)
+            if not _committed(self.parts, self.path):
+                remove_quietly(self.parts / _COMMIT)
             raise
         _remove_parts(self.parts)
         self._unlock()
@@ -815,7 +896,7 @@ class FeatureWriter:
         return {"path": str(self.path), "images": len(images), "failures": len(lines), "missing": missing}
 
     def _copy_rows(self, out: h5py.File, images: list[str], where: dict[str, tuple[int, int]],
-                   cache: _PartCache) -> None:
+                   cache: _PartCache, check: Callable[[], None]) -> None:
         """Copy rows from the parts into the output in blocks, reading each part's rows in one go."""
         per_image = self.max_boxes * self.feature_dim * np.dtype(self.dtype).itemsize
         step = max(1, _BLOCK_BYTES // per_image)
@@ -837,6 +918,7 @@ class FeatureWriter:
                     block[name][dest] = ds[rows]
             for name in FIELDS:
                 out[name][start: start + len(chunk)] = block[name]
+            check()
 
     def _failure_lines(self, fail_ids: list[str], failed: dict[str, tuple[int, int]],
                        cache: _PartCache) -> list[str]:
@@ -1202,31 +1284,30 @@ def merge(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, virtua
     extra = {key: v for key, v in attrs0.items() if key != "feature_dtype"}
     tmp = temporary_sibling(output)
     try:
-        with h5py.File(tmp, "w") as out:
+        with _h5_create(tmp, output) as (out, check):
             if virtual:
                 _write_virtual(out, paths, counts, k, d, dtype)
             else:
                 _create_datasets(out, total, k, d, dtype, chunked=True)
                 offset = 0
                 for p, n in zip(paths, counts):
-                    _copy_file_rows(p, out, offset, n, k * d * np.dtype(dtype).itemsize)
+                    _copy_file_rows(p, out, offset, n, k * d * np.dtype(dtype).itemsize, check)
                     offset += n
             _write_attrs(out, dtype, extra)
         lines = [line for p in paths if failures_path(p).is_file()
                  for line in failures_path(p).read_text(encoding="utf-8").split("\n") if line.strip()]
-        ftmp = temporary_sibling(failures_path(output))
-        ftmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        atomic_replace(ftmp, failures_path(output))
+        atomic_write(failures_path(output), "".join(line + "\n" for line in lines),
+                     tmp=temporary_sibling(failures_path(output)))
         atomic_replace(tmp, output)
     except BaseException:
-        tmp.unlink(missing_ok=True)
-        temporary_sibling(failures_path(output)).unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise
     return {"path": str(output), "images": total, "failures": len(lines)}
 
 
-def _copy_file_rows(src_path: Path, out: h5py.File, offset: int, n: int, bytes_per_image: int) -> None:
-    """Copy a shard's rows into the output at ``offset`` in bounded blocks."""
+def _copy_file_rows(src_path: Path, out: h5py.File, offset: int, n: int, bytes_per_image: int,
+                    check: Callable[[], None]) -> None:
+    """Copy a shard's rows into the output at ``offset`` in bounded blocks (``check`` after each)."""
     step = max(1, _BLOCK_BYTES // bytes_per_image)
     with h5py.File(src_path, "r") as src:
         for start in range(0, n, step):
@@ -1234,6 +1315,7 @@ def _copy_file_rows(src_path: Path, out: h5py.File, offset: int, n: int, bytes_p
             for name in FIELDS:
                 ds = src[name].asstr() if name == "img_id" else src[name]
                 out[name][offset + start: offset + stop] = ds[start:stop]
+            check()
 
 
 def _write_virtual(out: h5py.File, paths: list[Path], counts: list[int], k: int, d: int, dtype: str) -> None:

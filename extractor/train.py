@@ -41,6 +41,7 @@ from extractor.detector import Bottleneck, Conv2dNorm, VGDetector, image_to_tens
 from extractor.images import ImageReadError, image_id, list_images, load_image
 from extractor.labels import ATTRIBUTES_FILE, OBJECTS_FILE, read_labels
 from extractor.weights import save_detectron2_weights
+from tasks.fileio import atomic_write
 
 # Detectron2's MSRA input normalisation: a network trained from scratch without batch statistics
 # needs inputs near unit scale (the released Caffe model's std of 1 only suits its own weights).
@@ -106,9 +107,7 @@ def save_config_yaml(cfg: DetectorConfig, path: str | os.PathLike) -> Path:
             node = node.setdefault(p, {})
         node[leaf] = value
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(yaml.safe_dump(tree, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(tree, sort_keys=True))
     return path
 
 
@@ -583,9 +582,7 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _split(anns: list[ImageAnnotation], train_ids: list[str] | None, val_ids: list[str] | None,

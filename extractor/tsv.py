@@ -19,15 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from extractor.store import (
-    FeatureReader,
-    FeatureStoreError,
-    FeatureWriter,
-    ImageFeatures,
-    atomic_replace,
-    img_id_problem,
-    temporary_sibling,
-)
+from extractor.store import FeatureReader, FeatureStoreError, FeatureWriter, ImageFeatures, img_id_problem
+from tasks.fileio import atomic_output
 
 LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
                  "num_boxes", "boxes", "features")
@@ -183,28 +176,21 @@ def export_tsv(h5: str | os.PathLike, tsv: str | os.PathLike, fmt: str = "lxmert
     """
     if fmt not in ("lxmert", "caffe"):
         raise ValueError(f"fmt must be 'lxmert' or 'caffe', got {fmt!r}")
-    tsv = Path(tsv)
-    tmp = temporary_sibling(tsv)
     count = 0
-    try:
-        with FeatureReader(h5) as reader, open(tmp, "w", encoding="utf-8", newline="") as out:
-            for rec in reader:
-                if any(c in rec.img_id for c in "\t\r\n") or rec.img_id.startswith('"'):
-                    raise ValueError(f"{h5}: image id {rec.img_id!r} cannot be a TSV field "
-                                     "(it holds a tab or line break, or starts with a quote that csv would "
-                                     "read as quoting)")
-                n = str(rec.num_boxes)
-                boxes, feats = _b64(rec.boxes, "<f4"), _b64(rec.features, "<f4")
-                if fmt == "lxmert":
-                    fields = [rec.img_id, str(rec.img_h), str(rec.img_w),
-                              _b64(rec.objects_id, "<i8"), _b64(rec.objects_conf, "<f4"),
-                              _b64(rec.attrs_id, "<i8"), _b64(rec.attrs_conf, "<f4"), n, boxes, feats]
-                else:
-                    fields = [rec.img_id, str(rec.img_w), str(rec.img_h), n, boxes, feats]
-                out.write("\t".join(fields) + LINE_END)
-                count += 1
-        atomic_replace(tmp, tsv)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with FeatureReader(h5) as reader, atomic_output(tsv) as out:
+        for rec in reader:
+            if any(c in rec.img_id for c in "\t\r\n") or rec.img_id.startswith('"'):
+                raise ValueError(f"{h5}: image id {rec.img_id!r} cannot be a TSV field "
+                                 "(it holds a tab or line break, or starts with a quote that csv would "
+                                 "read as quoting)")
+            n = str(rec.num_boxes)
+            boxes, feats = _b64(rec.boxes, "<f4"), _b64(rec.features, "<f4")
+            if fmt == "lxmert":
+                fields = [rec.img_id, str(rec.img_h), str(rec.img_w),
+                          _b64(rec.objects_id, "<i8"), _b64(rec.objects_conf, "<f4"),
+                          _b64(rec.attrs_id, "<i8"), _b64(rec.attrs_conf, "<f4"), n, boxes, feats]
+            else:
+                fields = [rec.img_id, str(rec.img_w), str(rec.img_h), n, boxes, feats]
+            out.write(("\t".join(fields) + LINE_END).encode("utf-8"))
+            count += 1
     return count

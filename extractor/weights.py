@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.fileio import atomic_output
+
 __all__ = ["WeightsError", "UnsafePickleError", "safe_load_pickle", "load_detectron2_weights",
            "save_detectron2_weights", "read_weights", "file_sha256"]
 
@@ -172,8 +174,6 @@ def save_detectron2_weights(model: nn.Module, path: str | Path) -> str:
     arrays = {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
               for k, v in model.state_dict().items()}
     payload = {"model": arrays, "__author__": "lxmert-pipeline", "matching_heuristics": False}
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
+    with atomic_output(path) as f:
         pickle.dump(payload, f, protocol=4)
-    tmp.replace(path)
     return file_sha256(path)

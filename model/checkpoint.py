@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from .config import CONFIG_NAME, LxmertConfig
@@ -268,13 +268,21 @@ def _refuse_misfits(info: LoadingInfo, source: str | Path, against: str, total: 
 
 
 def save_directory(model: nn.Module, config: LxmertConfig, directory: str | Path) -> None:
-    """Write config.json + model.safetensors, each tied tensor once (as transformers does)."""
+    """Write config.json + model.safetensors, each tied tensor once (as transformers does).
+
+    The weights are serialised in memory and written by Python, so a full disk raises an OSError
+    with its errno and the file's name (safetensors' own save_file reports neither).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     dupes = tied_duplicates(state)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in dupes}
-    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+    path = directory / SAFETENSORS_NAME
+    try:
+        path.write_bytes(save(tensors, metadata={"format": "pt"}))
+    except OSError as e:  # Python's write errors do not name the file
+        raise OSError(e.errno, e.strerror, str(path)) from e
     config.to_json_file(directory / CONFIG_NAME, architectures=[type(model).__name__])
 
 

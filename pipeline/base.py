@@ -17,7 +17,8 @@ import luigi
 import luigi.configuration
 from luigi.task import flatten
 
-from tasks.jsonstream import iter_jsonl, load_json
+from tasks.fileio import writing
+from tasks.jsonstream import iter_jsonl, load_json, write_text_atomic
 
 WORKDIR_ENV = "LXMERT_WORKDIR"
 
@@ -271,8 +272,9 @@ class PipelineTask(luigi.Task):
             record = {"task": self.get_task_family(), "params": self.to_str_params(only_significant=True),
                       "signature": self.signature(), "seconds": seconds,
                       "inputs": [d.output().path for d in flatten(self.dependencies())]}
-            (partial / "task.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-            os.replace(partial, final)
+            write_text_atomic(partial / "task.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
+            with writing(final):
+                os.replace(partial, final)
             print(f"[lxmert] {self.get_task_family()} {final.name}: done in {seconds} s -> {final}", flush=True)
 
     def input_dirs(self) -> Any:

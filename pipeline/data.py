@@ -25,7 +25,7 @@ from tasks.answers import (
     default_vqa_table,
 )
 from tasks.demo import PRESETS, generate_world, world_path
-from tasks.jsonstream import write_json_atomic
+from tasks.jsonstream import write_json_atomic, write_text_atomic
 from tasks.preprocess import (
     build_gqa_task,
     build_nlvr2_task,
@@ -167,7 +167,7 @@ class BuildPretrainCorpus(RawDataTask):
         stats = {name: {"images": len(entries),
                         "sentences": sum(len(s) for e in entries for s in e["sentf"].values())}
                  for name, entries in splits.items()}
-        (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        write_text_atomic(out / "stats.json", json.dumps(stats, indent=1) + "\n")
 
     def answer_table(self, src: dict[str, Any]) -> AnswerTable:
         if self.answers == "released":

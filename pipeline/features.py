@@ -15,12 +15,13 @@ from extractor.tsv import import_tsv
 from pipeline.base import InputPathParameter, PipelineTask, param_problems, paths_of
 from pipeline.data import GenerateDemoWorld
 from pipeline.detector import TrainDetector, detector_config_problems
+from tasks.jsonstream import write_text_atomic
 
 FEATURES = "features.h5"
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 class ExtractionParams:
@@ -102,11 +103,14 @@ class ExtractFeaturesShard(ExtractionParams, PipelineTask):
         lo, hi = len(paths) * self.shard // self.shards, len(paths) * (self.shard + 1) // self.shards
         boxes = {"boxes": self.boxes} if self.boxes > 0 else {"min_boxes": self.min_boxes,
                                                               "max_boxes": self.max_boxes}
+        if (out / FEATURES).exists() and (out / "summary.json").exists():
+            return  # finished before a later write (task.json, the rename) failed
         summary = extract_features(
             paths[lo:hi], src["weights"], out / FEATURES, config=src["config"], selection=self.selection,
             device=self.device, batch_size=self.batch_size, dtype=self.dtype,
             num_workers=None if self.decode_workers < 0 else self.decode_workers,
-            max_failure_ratio=self.max_failure_ratio, max_pixels=self.max_pixels, progress=False, **boxes)
+            max_failure_ratio=self.max_failure_ratio, max_pixels=self.max_pixels, progress=False,
+            overwrite=(out / FEATURES).exists(), **boxes)
         _write_json(out / "summary.json", {**summary, "shard": self.shard, "shards": self.shards,
                                            "first": lo, "stop": hi})
 
@@ -161,7 +165,7 @@ class ImportTSVFeatures(PipelineTask):
     dtype = luigi.ChoiceParameter(choices=["float16", "float32"], default="float32")
 
     def build(self, out: Path) -> None:
-        summary = import_tsv(self.tsv, out / FEATURES, dtype=self.dtype)
+        summary = import_tsv(self.tsv, out / FEATURES, dtype=self.dtype, overwrite=True)  # ours: .partial
         _write_json(out / "summary.json", summary)
 
 

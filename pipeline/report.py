@@ -18,6 +18,7 @@ from pipeline.base import PipelineTask
 from pipeline.detector import TrainDetector
 from pipeline.features import ExtractFeatures, ValidateFeatures
 from pipeline.training import EvaluateGQA, EvaluateNLVR2, EvaluateVQA, PretrainLXMERT
+from tasks.fileio import atomic_write
 from tasks.jsonstream import load_json, write_json_atomic
 from tasks.report import summarize, write_report
 
@@ -92,7 +93,10 @@ class Report(PipelineTask):
             record = reader.get(img)
             picture = draw_boxes(load_image(paths[img]), record, objects, attributes, max_boxes=10)
             rel = Path("images") / f"{img}.png"
-            cv2.imwrite(str(out / rel), picture)
+            ok, png = cv2.imencode(".png", picture)
+            if not ok:
+                raise ValueError(f"{self.get_task_family()}: PNG encoding failed for {img}")
+            atomic_write(out / rel, png.tobytes())  # cv2.imwrite would only return False on a full disk
             drawn.append((rel, f"{img}: {record.num_boxes} boxes, the 10 most confident drawn"))
         reader.close()
         return drawn

@@ -30,7 +30,7 @@ from tasks import finetune, pretrain
 from tasks.baselines import majority_predictions
 from tasks.evaluate import evaluate_gqa, evaluate_nlvr2, evaluate_vqa
 from tasks.finetune import FinetuneConfig, write_submission
-from tasks.jsonstream import load_json, write_json_atomic
+from tasks.jsonstream import load_json, write_json_atomic, write_text_atomic
 from tasks.loop import TrainConfig
 from tasks.pretrain import PretrainConfig
 from tasks.runconfig import save_json
@@ -87,7 +87,7 @@ class TrainingParams:
         else:
             cmd += ["--standalone"]
         cmd += ["-m", module.__name__, *args, "--config", str(config)]
-        (out / "launch.sh").write_text("# run the same on every other node\n" + shlex.join(cmd) + "\n")
+        write_text_atomic(out / "launch.sh", "# run the same on every other node\n" + shlex.join(cmd) + "\n")
         print(f"{self.get_task_family()}: {shlex.join(cmd)}", flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         return json.loads((out / "metrics.json").read_text())

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from tasks.fileio import atomic_write, writing
 
 CHUNK_CHARS = 1 << 20
 _NON_BLANK = re.compile(r"[^ \t\n\r]")
@@ -242,21 +243,16 @@ def load_json(path: str | os.PathLike[str]) -> Any:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write via a temporary file in the same folder and os.replace, so readers never see half a file."""
+    """Write via a temporary file in the same folder, fsync and rename, so readers never see half a file.
+
+    An OS error (disk full...) raises WriteError naming `path`, and the temporary file is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, text)
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = None) -> None:
-    """json.dump to `path` atomically (temporary file + os.replace)."""
+    """json.dump to `path` atomically (see write_text_atomic)."""
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from model.checkpoint import load_torch
+from tasks.fileio import FdWriter, append_text, atomic_directory, atomic_output, atomic_write, remove_quietly, writing
 from tasks.optim import OPTIMIZERS, build_optimizer, warmup_linear_schedule
 
 CHECKPOINT_FORMAT = 1
@@ -197,7 +199,7 @@ def gather_objects(env: DistEnv, obj: Any) -> list[Any]:
 class _HashingWriter:
     """File wrapper hashing bytes as torch.save writes them, so saving reads nothing back."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: FdWriter) -> None:
         self.f, self.sha, self.size = f, hashlib.sha256(), 0
 
     def write(self, data: bytes) -> int:
@@ -229,20 +231,19 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
     one as the newest. Older checkpoints beyond `keep_last` are removed afterwards.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
-    tmp = path.with_suffix(".pt.tmp")
-    with tmp.open("wb") as f:
+    with writing(path):
+        directory.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, tmp=path.with_suffix(".pt.tmp")) as f:
         writer = _HashingWriter(f)
         torch.save(state, writer)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     manifest = {"format": CHECKPOINT_FORMAT, "step": step, "file": path.name,
                 "bytes": writer.size, "sha256": writer.sha.hexdigest(), "time": time.time()}
-    tmp_manifest = path.with_suffix(".json.tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp_manifest, path.with_suffix(".json"))
+    try:
+        atomic_write(path.with_suffix(".json"), json.dumps(manifest, indent=1), tmp=path.with_suffix(".json.tmp"))
+    except BaseException:
+        remove_quietly(path)  # a checkpoint without its manifest does not count: do not leave it behind
+        raise
     for old in list_checkpoints(directory)[:-keep_last]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
@@ -364,7 +365,8 @@ class _Logs:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             purge = resume_step + 1 if resume_step is not None else None
-            self.tb = SummaryWriter(log_dir=str(self.dir / "tb"), purge_step=purge)
+            with writing(self.dir / "tb"):
+                self.tb = SummaryWriter(log_dir=str(self.dir / "tb"), purge_step=purge)
 
     @staticmethod
     def _truncate(path: Path, resume_step: int | None) -> None:
@@ -377,24 +379,27 @@ class _Logs:
         with path.open(newline="") as f:
             rows = list(csv.reader(f))
         kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= resume_step] if rows else []
-        with path.open("w", newline="") as f:
-            csv.writer(f).writerows(kept)
+        text = io.StringIO()
+        csv.writer(text).writerows(kept)
+        atomic_write(path, text.getvalue())
 
     @staticmethod
     def _append(path: Path, columns: list[str], row: dict[str, Any]) -> None:
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in columns})
+        """Add a row (and the header to a new file) in one write, all or nothing, so no half row is left."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns)
+        if not path.exists():
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in columns})
+        append_text(path, text.getvalue())
 
     def train_row(self, row: dict[str, Any]) -> None:
         self._append(self.train_csv, self.columns, row)
         if self.tb is not None:
-            for key, value in row.items():
-                if key not in ("step", "epoch") and value != "" and value is not None:
-                    self.tb.add_scalar(f"train/{key}", value, row["step"])
+            with writing(self.dir / "tb"):
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and value != "" and value is not None:
+                        self.tb.add_scalar(f"train/{key}", value, row["step"])
 
     def eval_row(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         columns = ["step", "epoch", *sorted(metrics)]
@@ -403,12 +408,14 @@ class _Logs:
                 columns = next(csv.reader(f))
         self._append(self.eval_csv, columns, {"step": step, "epoch": epoch, **metrics})
         if self.tb is not None:
-            for key, value in metrics.items():
-                self.tb.add_scalar(f"eval/{key}", value, step)
+            with writing(self.dir / "tb"):
+                for key, value in metrics.items():
+                    self.tb.add_scalar(f"eval/{key}", value, step)
 
     def close(self, plot_columns: Sequence[str] | None) -> None:
         if self.tb is not None:
-            self.tb.close()
+            with writing(self.dir / "tb"):
+                self.tb.close()
         if plot_columns:
             plot_curves(self.train_csv, self.dir.parent / "plots", plot_columns)
 
@@ -421,7 +428,8 @@ def plot_curves(csv_path: Path, out_dir: Path, columns: Sequence[str]) -> list[P
         return []
     with csv_path.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for column in columns:
         points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column) not in (None, "")]
@@ -435,7 +443,9 @@ def plot_curves(csv_path: Path, out_dir: Path, columns: Sequence[str]) -> list[P
         ax.set_title(f"training {column}")
         ax.grid(True, alpha=0.3)
         path = out_dir / f"{column}.png"
-        fig.savefig(path)
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        atomic_write(path, png.getvalue())
         written.append(path)
     return written
 
@@ -471,7 +481,14 @@ def export_model(model: nn.Module, directory: Path) -> None:
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(str(directory))
     else:
-        torch.save(model.state_dict(), directory / "model.pt")
+        with atomic_output(directory / "model.pt") as f:  # through Python, so a full disk names its errno
+            torch.save(model.state_dict(), f)
+
+
+def _export(export_fn: Callable[[nn.Module, Path], None], model: nn.Module, directory: Path) -> None:
+    """Run export_fn into a temporary folder swapped onto `directory`, so a failed write leaves no half export."""
+    with atomic_directory(directory) as tmp:
+        export_fn(model, tmp)
 
 
 def train(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *,
@@ -669,21 +686,22 @@ def train(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *,
                                                   else value < best_value):
                             best_value, best = value, {"epoch": epoch, "step": step, **metrics}
                             if env.is_main:
-                                export_fn(model, out / "best")
+                                _export(export_fn, model, out / "best")
                             _barrier(env)
                 if batch_in_epoch == micro_per_epoch:
                     epoch, batch_in_epoch = epoch + 1, 0
                 checkpoint()
         if env.is_main:
-            export_fn(model, out / "final")
+            _export(export_fn, model, out / "final")
         _barrier(env)
     except NonFiniteLossError as exc:
         if env.is_main:
             good = list_checkpoints(ckpt_dir)
             report = {"step": exc.step + 1, "epoch": exc.epoch, "batch_ids": exc.batch_ids,
                       "parts": exc.parts, "last_good_checkpoint": str(good[-1]) if good else None}
-            (out / "logs").mkdir(parents=True, exist_ok=True)
-            (out / "logs" / "nonfinite.json").write_text(json.dumps(report, indent=1))
+            with writing(out / "logs"):
+                (out / "logs").mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "logs" / "nonfinite.json", json.dumps(report, indent=1))
         raise
     finally:
         bar.close()

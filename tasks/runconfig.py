@@ -14,6 +14,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tasks.jsonstream import write_text_atomic
+
 T = TypeVar("T")
 
 
@@ -126,7 +128,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None =
 
 def save_json(config: Any, path: str | Path) -> None:
     """Write the config next to a run's outputs so the run can be repeated."""
-    Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
 
 
 def load_json(cls: type[T], path: str | Path) -> T:

@@ -11,7 +11,6 @@ import dataclasses
 import itertools
 import json
 import os
-import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +36,7 @@ from tasks.demo.language import (
     vqa_questions,
 )
 from tasks.demo.scene import SHAPES, SIZES, Scene, Theme, render, sample_scene, sample_theme
+from tasks.fileio import atomic_directory, write_file, writing
 from tasks.tokenization import sub_vocabulary
 
 FORMAT = "lxmert-demo-world"
@@ -176,17 +176,16 @@ class _Writer:
         self.texts: set[str] = set()  # every sentence, question and answer written, for the vocabulary
         self._pending: list[tuple[str, str, Scene, tuple[int, ...]]] = []
 
-    def path(self, rel: str) -> Path:
-        p = self.root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
+    def write(self, rel: str, data: bytes | str) -> None:
+        """One file of the world (the folder is renamed into place whole, so no file needs its own rename)."""
+        write_file(self.root / rel, data)
 
     def json(self, rel: str, data: Any) -> None:
-        self.path(rel).write_text(json.dumps(data), encoding="utf-8")
+        self.write(rel, json.dumps(data))
         _collect_texts(data, self.texts)
 
     def lines(self, rel: str, rows: list[str]) -> None:
-        self.path(rel).write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        self.write(rel, "".join(r + "\n" for r in rows))
 
     def image(self, folder: str, stem: str, rng: np.random.Generator, render_key: tuple[int, ...],
               theme: Theme | None = None) -> Scene:
@@ -206,12 +205,13 @@ class _Writer:
         ok, png = cv2.imencode(".png", render(scene, _rng(self.seed, *key))[..., ::-1])
         if not ok:
             raise RuntimeError(f"PNG encoding failed for {stem}")
-        (self.root / folder / f"{stem}.png").write_bytes(png.tobytes())
+        self.write(f"{folder}/{stem}.png", png.tobytes())
 
     def draw_all(self, workers: int) -> None:
         """Draw and save every sampled image (OpenCV and numpy release the GIL, so threads help)."""
         for folder in sorted({job[0] for job in self._pending}):
-            (self.root / folder).mkdir(parents=True, exist_ok=True)
+            with writing(self.root / folder):
+                (self.root / folder).mkdir(parents=True, exist_ok=True)
         if workers <= 1:
             for job in self._pending:
                 self._draw(job)
@@ -453,7 +453,7 @@ def _write_world(root: Path, seed: int, config: WorldConfig, workers: int) -> di
                 "image_size": [config.image_size, config.image_size],
                 "classes": {"objects": list(SHAPES), "attributes": list(COLOR_NAMES) + list(SIZES)},
                 "files": LAYOUT, "stats": stats}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    w.write(MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -470,20 +470,8 @@ def generate_world(out: str | Path, seed: int = 0, config: WorldConfig | None = 
     config = config or WorldConfig()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(out, sync=False) as tmp:  # made again from the seed if a crash loses it
         manifest = _write_world(tmp, seed, config, workers)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
