@@ -695,6 +695,12 @@ class FeatureWriter:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if dtype not in FEATURE_DTYPES:
             raise ValueError(f"dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
+        # the reader refuses files past these bounds, so the writer must not make them
+        for name, v, limit in (("max_boxes", max_boxes, MAX_BOXES), ("feature_dim", feature_dim, MAX_FEATURE_DIM),
+                               ("max_boxes x feature_dim bytes", max_boxes * feature_dim * np.dtype(dtype).itemsize,
+                                MAX_IMAGE_BYTES)):
+            if v > limit:
+                raise ValueError(f"{name} = {v} exceeds the feature store's limit {limit}")
         self.max_boxes, self.feature_dim, self.dtype = max_boxes, feature_dim, dtype
         self.attrs = _normalize_attrs(attrs)
         self.flush_every = flush_every
@@ -898,8 +904,8 @@ class FeatureWriter:
     def _copy_rows(self, out: h5py.File, images: list[str], where: dict[str, tuple[int, int]],
                    cache: _PartCache, check: Callable[[], None]) -> None:
         """Copy rows from the parts into the output in blocks, reading each part's rows in one go."""
-        per_image = self.max_boxes * self.feature_dim * np.dtype(self.dtype).itemsize
-        step = max(1, _BLOCK_BYTES // per_image)
+        per_image = self.max_boxes * self.feature_dim * np.dtype(self.dtype).itemsize + _CHUNK_BYTES * len(_PER_BOX)
+        step = max(1, _BLOCK_BYTES // per_image)  # one chunk per image and per-box dataset: bound HDF5's bookkeeping
         for start in range(0, len(images), step):
             chunk = images[start: start + step]
             layout = _layout(len(chunk), self.max_boxes, self.feature_dim, self.dtype)
@@ -1308,7 +1314,7 @@ def merge(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, virtua
 def _copy_file_rows(src_path: Path, out: h5py.File, offset: int, n: int, bytes_per_image: int,
                     check: Callable[[], None]) -> None:
     """Copy a shard's rows into the output at ``offset`` in bounded blocks (``check`` after each)."""
-    step = max(1, _BLOCK_BYTES // bytes_per_image)
+    step = max(1, _BLOCK_BYTES // (bytes_per_image + _CHUNK_BYTES * len(_PER_BOX)))  # chunks a block touches
     with h5py.File(src_path, "r") as src:
         for start in range(0, n, step):
             stop = min(n, start + step)

@@ -323,3 +323,42 @@ def test_validate_reports_an_unreadable_chunk_naming_the_file(tmp_path):
         raw.write(b"\xff" * info.size)
     problems = validate(path)
     assert problems[-1].startswith(f"{path}: cannot read the data (") and "\n" not in problems[-1], problems
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"max_boxes": store.MAX_BOXES + 1, "feature_dim": 8}, "max_boxes = 4097 exceeds"),
+    ({"max_boxes": 4, "feature_dim": store.MAX_FEATURE_DIM + 1}, "feature_dim = 65537 exceeds"),
+    ({"max_boxes": 4096, "feature_dim": 8192, "dtype": "float32"}, "max_boxes x feature_dim bytes = 134217728"),
+])
+def test_writer_refuses_shapes_the_reader_would_refuse(kw, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        FeatureWriter(tmp_path / "f.h5", **kw)
+    assert not (tmp_path / "f.h5.parts").exists()
+
+
+def test_finalize_and_merge_blocks_count_the_chunks_they_touch(tmp_path, monkeypatch):
+    """With tiny K x D a block by feature bytes alone spans millions of images (a chunk each); the chunk cost
+    bounds it, and the copies still give every row."""
+    rows_per_write = []
+    real = h5py.Dataset.__setitem__
+
+    def spy(self, key, value):
+        if self.name == "/features" and isinstance(key, slice):
+            rows_per_write.append(len(range(*key.indices(self.shape[0]))))
+        return real(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", spy)
+    monkeypatch.setattr(store, "_BLOCK_BYTES", 3 * store._CHUNK_BYTES * len(store._PER_BOX))
+    paths = []
+    for s in range(2):
+        with FeatureWriter(tmp_path / f"s{s}.h5", max_boxes=K, feature_dim=D, flush_every=2) as w:
+            for i in range(5 * s, 5 * s + 5):
+                w.add(record(i))
+            w.finalize()
+        paths.append(tmp_path / f"s{s}.h5")
+    merge(paths, tmp_path / "m.h5")
+    assert rows_per_write and max(rows_per_write) <= 3
+    with FeatureReader(tmp_path / "m.h5") as r:
+        assert r.ids == [f"im{i}" for i in range(10)]
+        np.testing.assert_array_equal(r.get("im7").features, record(7).features.astype(np.float16))
+    assert validate(tmp_path / "m.h5") == []
