@@ -25,6 +25,7 @@ from pipeline.data import (
     world_vocab,
 )
 from pipeline.features import ExtractFeatures
+from pipeline.fingerprint import Members
 from tasks import finetune, pretrain
 from tasks.baselines import majority_predictions
 from tasks.evaluate import evaluate_gqa, evaluate_nlvr2, evaluate_vqa
@@ -218,6 +219,11 @@ class FinetuneTask(TrainingParams, PipelineTask):
         elif self.init == "scratch" and not self.vocab and PretrainLXMERT().uses_world_vocab():
             deps["world"] = GenerateDemoWorld()
         return deps
+
+    def input_paths(self) -> dict[str, tuple[list[str], Members | None]]:
+        """init, when it names weights, is an input like the path parameters."""
+        extra = {} if self.init in INIT_CHOICES else {"init": ([self.init], None)}
+        return {**super().input_paths(), **extra}
 
     def scratch_vocab(self) -> str | None:
         """From scratch, the vocabulary PretrainLXMERT would use (explicit, or the demo world's)."""
