@@ -34,8 +34,8 @@ def workdir() -> Path:
 
 class _InputPath:
     """Marks a parameter whose value names paths that must exist before anything runs, and whose contents
-    enter the task's signature (pipeline.fingerprint); `members` lists the files a folder or list file
-    stands for (default: every file of a folder, a file itself)."""
+    enter the task's signature (pipeline.fingerprint); `members` gives the files a list file names (a folder
+    stands for all its files, any other file for itself)."""
 
     def __init__(self, *args: Any, kind: str = "any", optional: bool = False, members: Members | None = None,
                  **kwargs: Any) -> None:
@@ -289,7 +289,8 @@ class PipelineTask(luigi.Task):
 
     def run(self) -> None:
         final = self.output_dir()
-        with exclusive(workdir() / ".locks" / f"{self.get_task_family()}-{final.name}.lock", str(self)):
+        with exclusive(workdir() / ".locks" / f"{self.get_task_family()}-{final.name}.lock",
+                       f"{self.get_task_family()} {final.name}"):
             if final.exists():
                 print(f"[lxmert] {self.get_task_family()} {final.name}: already done -> {final}", flush=True)
                 return

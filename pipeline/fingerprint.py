@@ -3,8 +3,9 @@
 The rule (why: docs/cluster.md, "Outputs follow contents"):
 - a file named directly is hashed (sha256 of its bytes) when it is at most HASH_LIMIT bytes, else
   described by its size and modification time (mtime_ns);
-- a folder, and the files a list file names, are described by the sorted (name, size, mtime_ns) of
-  their files; names starting with "." (editor, OS and NFS leftovers) are skipped.
+- a folder is described by the sorted (name, size, mtime_ns) of every file below it, skipping names that
+  start with "." (editor, OS and NFS leftovers), and a list file (of images) by its own fingerprint and
+  the (name, size, mtime_ns) of the files it names.
 A fingerprint is computed once per process and path (Luigi asks for outputs many times).
 """
 from __future__ import annotations
@@ -20,13 +21,13 @@ HASH_LIMIT = 16 * 2**20
 which the checks before work already parse JSON inputs in full."""
 
 Members = Callable[[Path], Sequence[Path]]
-"""What a path stands for besides itself: the images of a folder or of a list file (extractor's list_images)."""
+"""The files a list file names (extractor's list_images for image lists); a folder stands for all its files."""
 
 _MEMO: dict[tuple[str, Members | None], dict[str, Any]] = {}
 
 
 def fingerprint(path: str | os.PathLike, members: Members | None = None) -> dict[str, Any]:
-    """{"digest", "files", "bytes"} of what `path` holds; `members` names the files a folder or list stands for.
+    """{"digest", "files", "bytes"} of what `path` holds; `members` gives the files a list file names.
 
     digest is "sha256:<hex>" (a small file's bytes), "stat:<hex>" (sizes and mtimes), "missing" or
     "unreadable: <why>"; the checks before work report the last two, so they never raise here.
@@ -47,7 +48,7 @@ def _describe(path: Path, members: Members | None) -> dict[str, Any]:
         if not path.exists():
             return {"digest": "missing", "files": 0, "bytes": 0}
         if path.is_dir():
-            return _listing(path, members(path) if members else _walk(path))
+            return _folder(path)
         own = _file(path)
         listed = [p for p in members(path) if p != path] if members else []
     except (OSError, ValueError) as e:
@@ -69,26 +70,36 @@ def _file(path: Path) -> dict[str, Any]:
     return {"digest": f"stat:{stamp}", "files": 1, "bytes": st.st_size}
 
 
-def _walk(root: Path) -> list[Path]:
-    """Every non-hidden file below `root` (symlinked files followed, symlinked folders not)."""
-    found = []
+def _folder(root: Path) -> dict[str, Any]:
+    """Every non-hidden file below `root` (symlinked files followed, symlinked folders not), as _listing."""
+    lines, total = [], 0
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(folder) / name for name in files if not name.startswith(".")]
-    return found
+        rel = os.path.relpath(folder, root)
+        for name in files:
+            if not name.startswith("."):
+                total += _line(os.path.join(folder, name), os.path.normpath(os.path.join(rel, name)), lines)
+    return _digest(lines, total)
 
 
 def _listing(root: Path, files: Sequence[Path]) -> dict[str, Any]:
-    """Digest of the sorted (name relative to root, size, mtime_ns) lines; an unstatable file counts as such."""
-    lines, total = [], 0
-    for p in files:
-        name = os.path.relpath(p, root)
-        try:
-            st = os.stat(p)
-        except OSError as e:
-            lines.append(f"{name}\tunreadable {e.errno}")
-            continue
-        lines.append(f"{name}\t{st.st_size}\t{st.st_mtime_ns}")
-        total += st.st_size
-    digest = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
-    return {"digest": f"stat:{digest}", "files": len(lines), "bytes": total}
+    """The (name relative to root, size, mtime_ns) of each file; one that cannot be stat'ed counts as such."""
+    lines: list[str] = []
+    total = sum(_line(str(p), os.path.relpath(p, root), lines) for p in files)
+    return _digest(lines, total)
+
+
+def _line(path: str, name: str, lines: list[str]) -> int:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        lines.append(f"{name}\tunreadable {e.errno}")
+        return 0
+    lines.append(f"{name}\t{st.st_size}\t{st.st_mtime_ns}")
+    return st.st_size
+
+
+def _digest(lines: list[str], total: int) -> dict[str, Any]:
+    lines.sort()
+    return {"digest": f"stat:{hashlib.sha256(chr(10).join(lines).encode()).hexdigest()}", "files": len(lines),
+            "bytes": total}
