@@ -101,11 +101,14 @@ class ExtractFeaturesShard(ExtractionParams, PipelineTask):
         lo, hi = len(paths) * self.shard // self.shards, len(paths) * (self.shard + 1) // self.shards
         boxes = {"boxes": self.boxes} if self.boxes > 0 else {"min_boxes": self.min_boxes,
                                                               "max_boxes": self.max_boxes}
+        # a feature file already in the partial folder was finished by a run killed before it published the
+        # folder: it is rebuilt from itself through its index (same task, so same inputs and settings)
         summary = extract_features(
             paths[lo:hi], src["weights"], out / FEATURES, config=src["config"], selection=self.selection,
             device=self.device, batch_size=self.batch_size, dtype=self.dtype,
             num_workers=None if self.decode_workers < 0 else self.decode_workers,
-            max_failure_ratio=self.max_failure_ratio, reuse=earlier_features(), progress=False, **boxes)
+            max_failure_ratio=self.max_failure_ratio, overwrite=True, reuse=[out / FEATURES, *earlier_features()],
+            progress=False, **boxes)
         print(f"[lxmert] {self.get_task_family()} {self.output_dir().name}: {summary['extracted']} extracted, "
               f"{summary['reused']} reused from earlier outputs, {summary['resumed']} resumed, "
               f"{summary['failed']} failed", flush=True)

@@ -145,3 +145,24 @@ def test_a_run_waits_for_the_live_holder_of_an_output_then_builds_it(tmp_path, m
     assert f"is being built by pid {os.getpid()} (lock {lock}); waiting for it" in log
     assert started(log, "ExtractFeaturesShard") == [shard.output_dir().name]
     assert (shard.output_dir() / "features.h5").is_file()
+
+
+def test_a_shard_killed_after_finishing_its_file_publishes_it_on_rerun(tmp_path, monkeypatch, one_thread):
+    """A kill between the feature file's rename and the folder's publication: the rerun rebuilds the file
+    from itself (its index) instead of refusing the existing file."""
+    from extractor.extract import extract_features
+    from pipeline.features import ExtractFeaturesShard
+
+    weights = tiny_detector_weights(tmp_path / "tiny.pkl")
+    photos(tmp_path / "images", range(3))
+    monkeypatch.setenv("LXMERT_WORKDIR", str(tmp_path / "work"))
+    shard = ExtractFeaturesShard(images=str(tmp_path / "images"), weights=str(weights), **SETTINGS)
+    finished = shard.partial_dir() / "features.h5"
+    finished.parent.mkdir(parents=True)
+    extract_features(tmp_path / "images", weights, finished, config="tiny", boxes=5, num_workers=0, progress=False)
+    reference = feature_arrays(finished)
+    assert luigi.build([shard], local_scheduler=True, log_level="WARNING")
+    summary = json.loads((shard.output_dir() / "summary.json").read_text())
+    assert (summary["extracted"], summary["reused"], summary["stored"]) == (0, 3, 3)
+    for key, value in feature_arrays(shard.output_dir() / "features.h5").items():
+        np.testing.assert_array_equal(value, reference[key], err_msg=key)
