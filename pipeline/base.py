@@ -265,13 +265,19 @@ class PipelineTask(luigi.Task):
     def signature(self) -> str:
         return _signature(self)
 
-    def input_paths(self) -> dict[str, tuple[list[str], Members | None]]:
-        """{parameter: (paths, members)}: the paths whose contents this task reads, for its signature.
+    name_or_path: tuple[str, ...] = ()
+    """Parameters whose value is a name (a preset, a choice) or a path, such as a detector config name or YAML
+    file: when the value names an existing path, its contents count as an input."""
 
-        Every InputPathParameter / InputPathListParameter; override to add a parameter that may name a path.
-        """
-        return {name: (_values(getattr(self, name)), param.members)
-                for name, param in self.get_params() if isinstance(param, _InputPath)}
+    def input_paths(self) -> dict[str, tuple[list[str], Members | None]]:
+        """{parameter: (paths, members)}: the paths whose contents this task reads, for its signature."""
+        found = {name: (_values(getattr(self, name)), param.members)
+                 for name, param in self.get_params() if isinstance(param, _InputPath)}
+        for name in self.name_or_path:
+            value = str(getattr(self, name))
+            if value and os.path.exists(value):
+                found[name] = ([value], None)
+        return found
 
     def output_dir(self) -> Path:
         return workdir() / self.get_task_family() / self.signature()

@@ -27,6 +27,8 @@ def _write_json(path: Path, data: Any) -> None:
 class ExtractionParams:
     """The parameters ExtractFeatures and its shards share (their names are part of the interface)."""
 
+    name_or_path = ("config",)
+
     images = InputPathParameter(default="", optional=True, members=list_images,
                                 description="a folder of images or a list file; empty: the demo world")
     weights = InputPathParameter(default="", kind="file", optional=True,

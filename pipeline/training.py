@@ -25,7 +25,6 @@ from pipeline.data import (
     world_vocab,
 )
 from pipeline.features import ExtractFeatures
-from pipeline.fingerprint import Members
 from tasks import finetune, pretrain
 from tasks.baselines import majority_predictions
 from tasks.evaluate import evaluate_gqa, evaluate_nlvr2, evaluate_vqa
@@ -41,6 +40,8 @@ INIT_CHOICES = ("pretrained", "scratch")
 
 class TrainingParams:
     """Loop settings shared by the training tasks; how many processes run them does not change the result."""
+
+    name_or_path = ("model",)
 
     model = luigi.Parameter(default="base", description="preset (base, small, tiny) or a config.json")
     epochs = luigi.IntParameter(default=1)
@@ -197,6 +198,7 @@ class FinetuneTask(TrainingParams, PipelineTask):
 
     task_name = ""
     data_task: type[TaskData] = TaskData
+    name_or_path = ("init", "model")
 
     init = luigi.Parameter(default="pretrained",
                            description="pretrained: PretrainLXMERT's weights; scratch: random; or a path "
@@ -219,11 +221,6 @@ class FinetuneTask(TrainingParams, PipelineTask):
         elif self.init == "scratch" and not self.vocab and PretrainLXMERT().uses_world_vocab():
             deps["world"] = GenerateDemoWorld()
         return deps
-
-    def input_paths(self) -> dict[str, tuple[list[str], Members | None]]:
-        """init, when it names weights, is an input like the path parameters."""
-        extra = {} if self.init in INIT_CHOICES else {"init": ([self.init], None)}
-        return {**super().input_paths(), **extra}
 
     def scratch_vocab(self) -> str | None:
         """From scratch, the vocabulary PretrainLXMERT would use (explicit, or the demo world's)."""

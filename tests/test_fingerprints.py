@@ -179,3 +179,24 @@ def test_import_tsv_after_the_tsv_gained_a_row_gives_a_new_output_with_it(tmp_pa
     with FeatureReader(second / "features.h5") as reader:
         assert reader.ids[:-1] == before and len(reader.ids) == len(rows)
         assert reader.ids[-1] == rows[-1].split("\t")[0]
+
+
+def test_a_name_or_path_parameter_counts_as_an_input_when_it_names_a_path(tmp_path):
+    from pipeline.base import input_fingerprints
+
+    yaml = tmp_path / "detector.yaml"
+    yaml.write_text("MODEL:\n  RESNETS:\n    DEPTH: 101\n")
+    before = pt.ExtractFeatures(config=str(yaml)).signature()
+    yaml.write_text("MODEL:\n  RESNETS:\n    DEPTH: 50\n")
+    fp.forget_fingerprints()
+    assert pt.ExtractFeatures(config=str(yaml)).signature() != before
+    assert "config" not in input_fingerprints(pt.ExtractFeaturesShard(config="tiny"))
+
+    init = tmp_path / "run"
+    init.mkdir()
+    (init / "pytorch_model.bin").write_bytes(b"weights")
+    before = pt.FinetuneVQA(init=str(init)).signature()
+    (init / "pytorch_model.bin").write_bytes(b"other weights")
+    fp.forget_fingerprints()
+    assert pt.FinetuneVQA(init=str(init)).signature() != before
+    assert input_fingerprints(pt.FinetuneVQA(init="scratch")) == {}
