@@ -250,9 +250,13 @@ class PipelineTask(luigi.Task):
 
     The signature hashes the task's significant parameters, the fingerprints of what its input paths hold
     and its upstream signatures, so new settings or changed inputs anywhere upstream give a new folder and
-    never overwrite or reuse an old result. The `.partial`
-    folder survives a crash: tasks that checkpoint (training, extraction) resume from it.
+    never overwrite or reuse an old result. The `.partial` folder survives a crash: tasks that checkpoint
+    (training, extraction) resume from it.
     """
+
+    name_or_path: tuple[str, ...] = ()
+    """Parameters whose value is a name (a preset, a choice) or a path, such as a detector config name or YAML
+    file: when the value names an existing path, its contents count as an input."""
 
     def dependencies(self) -> Any:
         """The upstream tasks (what `requires` would return); override in subclasses."""
@@ -264,10 +268,6 @@ class PipelineTask(luigi.Task):
 
     def signature(self) -> str:
         return _signature(self)
-
-    name_or_path: tuple[str, ...] = ()
-    """Parameters whose value is a name (a preset, a choice) or a path, such as a detector config name or YAML
-    file: when the value names an existing path, its contents count as an input."""
 
     def input_paths(self) -> dict[str, tuple[list[str], Members | None]]:
         """{parameter: (paths, members)}: the paths whose contents this task reads, for its signature."""
