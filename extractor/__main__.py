@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"list larger images as failures ('too large') without decoding them (default "
                         f"{DEFAULT_MAX_PIXELS:,}, about 1 GiB of memory per decoding worker)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--reuse", action="append", default=[], metavar="PATH",
+                   help="an earlier output (feature file, or a folder searched for them; repeatable): images "
+                        "whose bytes it holds with the same weights and settings are copied, not extracted")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -53,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
             min_boxes=args.min_boxes, max_boxes=args.max_boxes, selection=args.selection, device=args.device,
             batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype, amp=args.amp,
             max_failure_ratio=args.max_failure_ratio, max_pixels=args.max_pixels, overwrite=args.overwrite,
+            reuse=args.reuse,
             progress=not args.no_progress)
     except (ConfigError, ExtractionError, WeightsError, UnsafePickleError, FeatureStoreError,
             FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{s['output']}: {s['stored']} images stored ({s['extracted']} extracted now, "
-          f"{s['resumed']} resumed, {s['failed']} failed), {s['boxes_per_image']:.1f} boxes/image, "
+          f"{s['reused']} reused, {s['resumed']} resumed, {s['failed']} failed), "
+          f"{s['boxes_per_image']:.1f} boxes/image, "
           f"{s['images_per_second']:.2f} img/s on {s['device']}, config {s['config']}, "
           f"{s['box_strategy']} {s['boxes']} boxes")
     return 0

@@ -3,6 +3,8 @@
 The command line and the Luigi tasks both call ``extract_features``. Decoding and resizing run in
 DataLoader workers, the detector on the main thread, and HDF5 writes on a writer thread, so the
 device waits for neither. A rerun resumes: images the feature store already holds are skipped.
+Images whose bytes an earlier output with the same detector and settings holds are copied from it
+(``reuse``, see extractor.reuse), so a grown folder costs only its new images.
 Unreadable images are listed in ``<output>.failures.jsonl``; they are committed to the store only
 when the run finishes within ``max_failure_ratio``, so a run that stops for too many failures
 retries them next time.
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from extractor.config import DetectorConfig
 from extractor.detector import MIN_RESIZED_SIDE, Detections, VGDetector, image_to_tensor, resize_image
 from extractor.images import DEFAULT_MAX_PIXELS, ImageReadError, image_id, list_images, load_image
+from extractor.reuse import Reuse, content_hash, content_hashes, extraction_key, write_sidecar
 from extractor.selection import STRATEGIES, best_labels, select_caffe, select_maxnms
 from extractor.store import FeatureStoreError, FeatureWriter, ImageFeatures, remove_stale_parts
 from extractor.weights import load_detectron2_weights
@@ -114,6 +117,7 @@ class _Item:
     image: torch.Tensor | None
     original_size: tuple[int, int]
     error: str | None
+    sha256: str | None = None  # the file's bytes after decoding: equal to the hash before, it vouches for them
 
     def pin_memory(self) -> _Item:
         """Called by the DataLoader (pin_memory=True) so host-to-GPU copies can overlap compute."""
@@ -143,7 +147,7 @@ class _ImageDataset(Dataset):
             reason = (f"too thin: {w}x{h} resizes to {resized.shape[1]}x{resized.shape[0]}, "
                       f"under {MIN_RESIZED_SIDE} px")
             return _Item(str(path), image_id(path), None, (h, w), reason)
-        return _Item(str(path), image_id(path), image_to_tensor(resized), (h, w), None)
+        return _Item(str(path), image_id(path), image_to_tensor(resized), (h, w), None, content_hash(path))
 
 
 def _collate(items: list[_Item]) -> list[_Item]:
@@ -199,17 +203,33 @@ def default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
+def _reuse_earlier(writer: FeatureWriter, todo: Sequence[tuple[Path, str]], sha: dict[str, str | None],
+                   sources: Sequence[str | os.PathLike], key: dict[str, Any]) -> set[str]:
+    """Copy into `writer` the earlier features of the todo images whose bytes `sources` hold; their ids."""
+    if not sources or not todo:
+        return set()
+    hits = Reuse(sources, key).find({sha[i] for _, i in todo if sha[i]})
+    copied = set()
+    for rec in Reuse.records({i: hits[sha[i]] for _, i in todo if sha[i] in hits}):
+        writer.add(rec)
+        copied.add(rec.img_id)
+    return copied
+
+
 def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], weights: str | os.PathLike,
                      output: str | os.PathLike, *, config: str | os.PathLike | DetectorConfig = "VG-R101-C4",
                      boxes: int | None = None, min_boxes: int | None = None, max_boxes: int | None = None,
                      selection: str = "caffe", device: str = "cpu", batch_size: int = 1,
                      num_workers: int | None = None, dtype: str = "float16", amp: str | None = None,
                      max_failure_ratio: float = 0.05, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                     overwrite: bool = False, reuse: Sequence[str | os.PathLike] = (),
+                     progress: bool = True) -> dict[str, Any]:
     """Extract region features of ``images`` into the HDF5 file ``output``; returns a summary dict.
 
     images: a folder, a list file or a list of paths. boxes=N keeps exactly N per image (36 when
     nothing is given); min_boxes/max_boxes keep between them (adaptive, the caffe rule's threshold).
+    reuse: earlier feature files or folders of them; images whose bytes they hold (with the same weights
+    and settings) are copied, not extracted. The output gets its own index (``<output>.images.jsonl``).
     Raises ExtractionError when more than max_failure_ratio of the images cannot be read. Images over
     max_pixels are listed as failures ("too large"), see extractor.images.DEFAULT_MAX_PIXELS.
     """
@@ -242,16 +262,20 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
     model.to(dev).eval()
     attrs = {"detector_config": cfg.to_dict(), "weights_sha256": sha, "box_strategy": rule.strategy,
              "min_boxes": rule.min_boxes, "max_boxes": rule.max_boxes, "amp": amp or "none"}
+    key = extraction_key(attrs, dtype, dev.type)
 
     start = time.perf_counter()
     failures: list[tuple[str, str, str]] = []
     extracted = kept_boxes = 0
     allowed_failures = math.floor(max_failure_ratio * len(paths))
+    content = dict(zip(ids, content_hashes(paths)))  # before decoding: what the index vouches for
     output.parent.mkdir(parents=True, exist_ok=True)
     with FeatureWriter(output, max_boxes=rule.max_boxes, feature_dim=cfg.feature_dim, dtype=dtype,
                        attrs=attrs) as writer:
         done = writer.done_ids()
-        todo = [p for p, i in zip(paths, ids) if i not in done]
+        todo = [(p, i) for p, i in zip(paths, ids) if i not in done]
+        reused = _reuse_earlier(writer, todo, content, reuse, key)
+        todo = [p for p, i in todo if i not in reused]
         dataset = _ImageDataset(todo, cfg.min_size_test, cfg.max_size_test, max_pixels)
         loader = DataLoader(dataset, batch_size=batch_size,
                             num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
@@ -278,6 +302,9 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
                                 rec = to_record(it.img_id, it.original_size, det, rule, dtype)
                                 kept_boxes += rec.num_boxes
                                 thread.put(rec)
+                    for it in good:  # a file rewritten while it was read is stored but not indexed
+                        if it.sha256 != content[it.img_id]:
+                            content[it.img_id] = None
                     extracted += len(good)
                     bar.update(len(batch))
         finally:
@@ -286,13 +313,15 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
         compute_s = time.perf_counter() - start
         for path, img_id, reason in failures:
             writer.add_failure(path, img_id, reason)
+            content[img_id] = None
+        write_sidecar(output, key, {i: h for i, h in content.items() if h})
         try:
             result = writer.finalize(order=ids, overwrite=overwrite)
         except FeatureStoreError as e:
             raise ExtractionError(f"could not finalize {output}: {e}") from e
     return {
-        "output": str(output), "images": len(paths), "extracted": extracted,
-        "resumed": len(paths) - len(todo), "failed": result["failures"], "stored": result["images"],
+        "output": str(output), "images": len(paths), "extracted": extracted, "reused": len(reused),
+        "resumed": len(done & set(ids)), "failed": result["failures"], "stored": result["images"],
         "boxes_per_image": kept_boxes / extracted if extracted else 0.0,
         "seconds": round(compute_s, 3), "images_per_second": extracted / compute_s if compute_s > 0 else 0.0,
         "weights_sha256": sha, "config": cfg.name, "box_strategy": rule.strategy, "boxes": rule.span(),

@@ -17,6 +17,7 @@ import luigi
 import luigi.configuration
 from luigi.task import flatten
 
+from pipeline.fingerprint import Members, fingerprint
 from tasks.fileio import writing
 from tasks.jsonstream import iter_jsonl, load_json, write_text_atomic
 
@@ -33,13 +34,17 @@ def workdir() -> Path:
 
 
 class _InputPath:
-    """Marks a parameter whose value names paths that must exist before anything runs."""
+    """Marks a parameter whose value names paths that must exist before anything runs, and whose contents
+    enter the task's signature (pipeline.fingerprint); `members` gives the files a list file names (a folder
+    stands for all its files, any other file for itself)."""
 
-    def __init__(self, *args: Any, kind: str = "any", optional: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, kind: str = "any", optional: bool = False, members: Members | None = None,
+                 **kwargs: Any) -> None:
         if kind not in ("any", "file", "dir"):
             raise ValueError(f"input path kind must be any, file or dir, not {kind!r}")
         self.kind = kind
         self.optional = optional
+        self.members = members
         super().__init__(*args, **kwargs)
 
 
@@ -195,27 +200,45 @@ def param_problems(task: luigi.Task, name: str, check: Callable[[Path], str | No
     return found
 
 
+def _values(value: Any) -> list[str]:
+    return [str(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if str(v)]
+
+
+def input_fingerprints(task: luigi.Task) -> dict[str, list[dict[str, Any]]]:
+    """{parameter: [{"path", "digest", "files", "bytes"}, ...]} for every input path the task was given."""
+    if not isinstance(task, PipelineTask):
+        return {}
+    return {name: [{"path": p, **fingerprint(p, members)} for p in paths]
+            for name, (paths, members) in task.input_paths().items() if paths}
+
+
 def _signature(task: luigi.Task) -> str:
     params = task.to_str_params(only_significant=True, only_public=True)
     upstream = task.dependencies() if isinstance(task, PipelineTask) else task.requires()
     deps = sorted(_signature(d) if isinstance(d, PipelineTask) else d.task_id for d in flatten(upstream))
-    blob = json.dumps({"task": task.get_task_family(), "params": params, "deps": deps}, sort_keys=True)
+    spec: dict[str, Any] = {"task": task.get_task_family(), "params": params, "deps": deps}
+    contents = {name: [f["digest"] for f in found] for name, found in input_fingerprints(task).items()}
+    if contents:  # absent for tasks given no input path, whose folders so stay those of earlier versions
+        spec["inputs"] = contents
+    blob = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 @contextmanager
 def exclusive(lock_path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive, non-blocking lock so two processes never build the same output at once."""
+    """Hold an exclusive lock so two processes never build the same output at once; a second process waits
+    for the holder (saying who it is) instead of failing, and the kernel frees the lock if the holder dies."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-                raise RuntimeError(f"{what} is already being built by pid {holder} (lock {lock_path})") from e
-            raise
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            print(f"[lxmert] {what} is being built by pid {holder} (lock {lock_path}); waiting for it", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -226,10 +249,15 @@ def exclusive(lock_path: Path, what: str) -> Iterator[None]:
 class PipelineTask(luigi.Task):
     """Base task: output folder workdir/<Family>/<signature>, built in `<folder>.partial`, renamed when done.
 
-    The signature hashes the task's significant parameters and its upstream signatures, so new settings
-    anywhere upstream give a new folder and never overwrite or reuse an old result. The `.partial`
-    folder survives a crash: tasks that checkpoint (training, extraction) resume from it.
+    The signature hashes the task's significant parameters, the fingerprints of what its input paths hold
+    and its upstream signatures, so new settings or changed inputs anywhere upstream give a new folder and
+    never overwrite or reuse an old result. The `.partial` folder survives a crash: tasks that checkpoint
+    (training, extraction) resume from it.
     """
+
+    name_or_path: tuple[str, ...] = ()
+    """Parameters whose value is a name (a preset, a choice) or a path, such as a detector config name or YAML
+    file: when the value names an existing path, its contents count as an input."""
 
     def dependencies(self) -> Any:
         """The upstream tasks (what `requires` would return); override in subclasses."""
@@ -241,6 +269,16 @@ class PipelineTask(luigi.Task):
 
     def signature(self) -> str:
         return _signature(self)
+
+    def input_paths(self) -> dict[str, tuple[list[str], Members | None]]:
+        """{parameter: (paths, members)}: the paths whose contents this task reads, for its signature."""
+        found = {name: (_values(getattr(self, name)), param.members)
+                 for name, param in self.get_params() if isinstance(param, _InputPath)}
+        for name in self.name_or_path:
+            value = str(getattr(self, name))
+            if value and os.path.exists(value):
+                found[name] = ([value], None)
+        return found
 
     def output_dir(self) -> Path:
         return workdir() / self.get_task_family() / self.signature()
@@ -258,8 +296,10 @@ class PipelineTask(luigi.Task):
 
     def run(self) -> None:
         final = self.output_dir()
-        with exclusive(workdir() / ".locks" / f"{self.get_task_family()}-{final.name}.lock", str(self)):
+        with exclusive(workdir() / ".locks" / f"{self.get_task_family()}-{final.name}.lock",
+                       f"{self.get_task_family()} {final.name}"):
             if final.exists():
+                print(f"[lxmert] {self.get_task_family()} {final.name}: already done -> {final}", flush=True)
                 return
             partial = self.partial_dir()
             resumed = partial.exists()
@@ -271,7 +311,8 @@ class PipelineTask(luigi.Task):
             seconds = round(time.perf_counter() - start, 2)
             record = {"task": self.get_task_family(), "params": self.to_str_params(only_significant=True),
                       "signature": self.signature(), "seconds": seconds,
-                      "inputs": [d.output().path for d in flatten(self.dependencies())]}
+                      "inputs": [d.output().path for d in flatten(self.dependencies())],
+                      "fingerprints": input_fingerprints(self)}
             write_text_atomic(partial / "task.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
             with writing(final):
                 os.replace(partial, final)

@@ -31,6 +31,7 @@ class TrainDetector(RawDataTask):
 
     WEIGHTS = "weights.pkl"
     CONFIG = "config.yaml"
+    name_or_path = ("config",)
 
     images = InputPathParameter(default="", kind="dir", optional=True, description="folder of the VG images")
     objects = InputPathParameter(default="", kind="file", optional=True, description="VG objects.json")

@@ -10,9 +10,10 @@ import luigi
 
 from extractor.extract import extract_features
 from extractor.images import DEFAULT_MAX_PIXELS, list_images
+from extractor.reuse import merge_sidecars, sidecar_path
 from extractor.store import failures_path, merge, validate
 from extractor.tsv import import_tsv
-from pipeline.base import InputPathParameter, PipelineTask, param_problems, paths_of
+from pipeline.base import InputPathParameter, PipelineTask, param_problems, paths_of, workdir
 from pipeline.data import GenerateDemoWorld
 from pipeline.detector import TrainDetector, detector_config_problems
 from tasks.jsonstream import write_text_atomic
@@ -27,7 +28,9 @@ def _write_json(path: Path, data: Any) -> None:
 class ExtractionParams:
     """The parameters ExtractFeatures and its shards share (their names are part of the interface)."""
 
-    images = InputPathParameter(default="", optional=True,
+    name_or_path = ("config",)
+
+    images = InputPathParameter(default="", optional=True, members=list_images,
                                 description="a folder of images or a list file; empty: the demo world")
     weights = InputPathParameter(default="", kind="file", optional=True,
                                  description="Detectron2-format detector weights; empty: TrainDetector")
@@ -105,14 +108,26 @@ class ExtractFeaturesShard(ExtractionParams, PipelineTask):
                                                               "max_boxes": self.max_boxes}
         if (out / FEATURES).exists() and (out / "summary.json").exists():
             return  # finished before a later write (task.json, the rename) failed
+        # a feature file already in the partial folder was finished by a run killed before it published the
+        # folder: it is rebuilt from itself through its index (same task, so same inputs and settings)
         summary = extract_features(
             paths[lo:hi], src["weights"], out / FEATURES, config=src["config"], selection=self.selection,
             device=self.device, batch_size=self.batch_size, dtype=self.dtype,
             num_workers=None if self.decode_workers < 0 else self.decode_workers,
-            max_failure_ratio=self.max_failure_ratio, max_pixels=self.max_pixels, progress=False,
-            overwrite=(out / FEATURES).exists(), **boxes)
+            max_failure_ratio=self.max_failure_ratio, max_pixels=self.max_pixels, overwrite=True,
+            reuse=[out / FEATURES, *earlier_features()], progress=False, **boxes)
+        print(f"[lxmert] {self.get_task_family()} {self.output_dir().name}: {summary['extracted']} extracted, "
+              f"{summary['reused']} reused from earlier outputs, {summary['resumed']} resumed, "
+              f"{summary['failed']} failed", flush=True)
         _write_json(out / "summary.json", {**summary, "shard": self.shard, "shards": self.shards,
                                            "first": lo, "stop": hi})
+
+
+def earlier_features() -> list[Path]:
+    """The feature files of every finished extraction in the work directory: what a shard may reuse (only
+    those made with its weights and settings are used, see extractor.reuse)."""
+    return [p for family in ("ExtractFeaturesShard", "ExtractFeatures")
+            for p in sorted((workdir() / family).glob(f"*/{FEATURES}")) if not p.parent.name.endswith(".partial")]
 
 
 class ExtractFeatures(ExtractionParams, PipelineTask):
@@ -131,13 +146,17 @@ class ExtractFeatures(ExtractionParams, PipelineTask):
     def build(self, out: Path) -> None:
         shard_files = [d / FEATURES for d in self.input_dirs()]
         target = out / FEATURES
-        for stale in (target, failures_path(target)):
+        for stale in (target, failures_path(target), sidecar_path(target)):
             stale.unlink(missing_ok=True)
         if not (len(shard_files) == 1 and self.merge_mode == "copy" and _link(shard_files[0], target)):
             merge(shard_files, target, virtual=self.merge_mode == "virtual")
+        if self.merge_mode == "copy":  # a virtual file reads its shards, which keep their own index
+            merge_sidecars(shard_files, target)
         shards = [json.loads((d / "summary.json").read_text()) for d in self.input_dirs()]
         _write_json(out / "summary.json", {"images": sum(s["stored"] for s in shards),
-                                           "failed": sum(s["failed"] for s in shards), "shards": shards})
+                                           "failed": sum(s["failed"] for s in shards),
+                                           "extracted": sum(s["extracted"] for s in shards),
+                                           "reused": sum(s.get("reused", 0) for s in shards), "shards": shards})
 
     @staticmethod
     def path(output_dir: Path) -> Path:

@@ -42,6 +42,8 @@ INIT_CHOICES = ("pretrained", "scratch")
 class TrainingParams:
     """Loop settings shared by the training tasks; how many processes run them does not change the result."""
 
+    name_or_path = ("model",)
+
     model = luigi.Parameter(default="base", description="preset (base, small, tiny) or a config.json")
     epochs = luigi.IntParameter(default=1)
     max_steps = luigi.IntParameter(default=0, description="> 0: stop after this many optimiser steps")
@@ -207,6 +209,7 @@ class FinetuneTask(TrainingParams, PipelineTask):
 
     task_name = ""
     data_task: type[TaskData] = TaskData
+    name_or_path = ("init", "model")
 
     init = luigi.Parameter(default="pretrained",
                            description="pretrained: PretrainLXMERT's weights; scratch: random; or a path "

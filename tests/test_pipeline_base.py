@@ -1,4 +1,7 @@
 """The Luigi base machinery: content-addressed outputs, atomic completion, locks, input checks."""
+import os
+import threading
+import time
 from pathlib import Path
 
 import luigi
@@ -86,11 +89,20 @@ def test_partial_folder_is_resumed_not_published(wd):
     assert task.complete()
 
 
-def test_exclusive_lock_refuses_second_holder(tmp_path):
-    lock = tmp_path / "t.lock"
-    with exclusive(lock, "TaskA"):
-        with pytest.raises(RuntimeError, match="TaskA is already being built by pid"):
-            with exclusive(lock, "TaskA"):
-                pass
-    with exclusive(lock, "TaskA"):
-        pass
+def test_exclusive_lock_waits_for_the_holder_naming_it(tmp_path, capsys):
+    lock, held, order = tmp_path / "t.lock", threading.Event(), []
+
+    def holder():
+        with exclusive(lock, "TaskA"):
+            held.set()
+            time.sleep(0.5)
+            order.append("holder done")
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait()
+    with exclusive(lock, "TaskA"):  # a second open file description: flock makes it wait
+        order.append("second holds")
+    thread.join()
+    assert order == ["holder done", "second holds"]
+    assert f"TaskA is being built by pid {os.getpid()} (lock {lock}); waiting for it" in capsys.readouterr().out
