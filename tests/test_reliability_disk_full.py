@@ -175,6 +175,7 @@ def test_real_full_tmpfs_fails_cleanly_in_a_part_and_in_finalize_and_recovers(tm
         done = extract(tmp_path, out)
         assert done.returncode == 0, done.stderr[-3000:]
         assert out.read_bytes() == (tmp_path / "reference.h5").read_bytes()
-        assert sorted(p.name for p in tmpfs.iterdir()) == ["features.h5", "features.h5.failures.jsonl"]
-        out.unlink()
-        (tmpfs / "features.h5.failures.jsonl").unlink()
+        assert sorted(p.name for p in tmpfs.iterdir()) == [
+            "features.h5", "features.h5.failures.jsonl", "features.h5.images.jsonl"]
+        for p in tmpfs.iterdir():
+            p.unlink()
