@@ -5,7 +5,7 @@ on demo-shaped batches (batch 64, 20 tokens, 10 boxes of 256-d features, answer 
 in four settings that add one change at a time:
 
     bert      BERT's 30,522-word vocabulary, 1600 / 400 object / attribute heads, native dropout
-    +vocab    the world's 114-word vocabulary (tasks.tokenization.sub_vocabulary)
+    +vocab    the world's 114-word vocabulary (tasks.data.tokenization.sub_vocabulary)
     +heads    heads sized for the demo detector's 7 objects / 9 attributes
     +dropout  dropout masks from 16-bit draws on CPU (model.layers.dropout), what the demo runs
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import model.layers as layers
 from model import LxmertForPreTraining
-from tasks.weights import model_config_from
+from tasks.training.weights import model_config_from
 
 B, L, O, D, ANSWERS = 64, 20, 10, 256, 60
 

@@ -33,9 +33,9 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "coin
 
 def make_inputs(root: Path, count: int, config: str) -> tuple[Path, Path]:
     """count JPEG photos of assorted sizes and random weights for config, written under root."""
-    from extractor.config import DetectorConfig
-    from extractor.detector import VGDetector
-    from extractor.weights import save_detectron2_weights
+    from extractor.detector.config import DetectorConfig
+    from extractor.detector.model import VGDetector
+    from extractor.detector.weights import save_detectron2_weights
 
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     cpu = f"{platform.machine()}, {os.cpu_count()} cores"
     name = torch.cuda.get_device_name(args.device) if cuda else cpu
-    from extractor.config import DetectorConfig
+    from extractor.detector.config import DetectorConfig
 
     cfg = DetectorConfig.load(args.config)
     print(f"device: {args.device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -3,7 +3,7 @@
 "ours" is what `python -m tasks.pretrain` runs: our LXMERT, our dataset (tokenisation and
 masking in the DataLoader), and the shared loop (BertAdam, clipping, NaN checks, CSV logging).
 "hf" is a plain loop (AdamW, clipping) around transformers' LxmertForPreTraining fed by the same
-dataset and DataLoader. Both see the same synthetic world (tasks.synthetic) in the real file
+dataset and DataLoader. Both see the same synthetic world (tasks.demo.feature_world) in the real file
 formats. Each run is its own process, so peak memory (RSS on CPU, allocated memory on CUDA) is
 its own; the implementations alternate `--repeats` times and the median is reported, with the
 process CPU time per example (the cores of a shared machine make wall time noisy).
@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.answers import default_pretrain_table
-from tasks.features import open_stores
-from tasks.loop import StepContext, StepOutput, TrainConfig, autocast, resolve_device, to_device, train
+from tasks.data.answers import default_pretrain_table
+from tasks.data.features import open_stores
+from tasks.data.tokenization import load_tokenizer
 from tasks.pretrain import (
     LOSS_NAMES,
     MaskingConfig,
@@ -50,10 +50,10 @@ from tasks.pretrain import (
     model_inputs,
     targets,
 )
-from tasks.tokenization import load_tokenizer
+from tasks.training.loop import StepContext, StepOutput, TrainConfig, autocast, resolve_device, to_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
-SENTENCES_PER_IMAGE = 4  # tasks.synthetic: two captions and two questions per image
+SENTENCES_PER_IMAGE = 4  # tasks.demo.feature_world: two captions and two questions per image
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_ours(args) if args.child == "ours" else run_hf(args)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
-    from tasks.synthetic import write_world
+    from tasks.demo.feature_world import write_world
 
     runs: dict[str, list[dict]] = {impl: [] for impl in args.impl}
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from extractor.config import NAMED_CONFIGS, ConfigError
+from extractor.detector.config import NAMED_CONFIGS, ConfigError
+from extractor.detector.selection import STRATEGIES
+from extractor.detector.weights import UnsafePickleError, WeightsError
 from extractor.extract import FEATURE_DTYPES, ExtractionError, extract_features
 from extractor.images import DEFAULT_MAX_PIXELS
-from extractor.selection import STRATEGIES
 from extractor.store import FeatureStoreError
-from extractor.weights import UnsafePickleError, WeightsError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from extractor.detector.labels import attribute_names, object_names
 from extractor.images import ImageReadError, load_image
-from extractor.labels import attribute_names, object_names
 from extractor.store import FeatureReader, FeatureStoreError, ImageFeatures
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX

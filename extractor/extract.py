@@ -27,13 +27,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from extractor.config import DetectorConfig
-from extractor.detector import MIN_RESIZED_SIDE, Detections, VGDetector, image_to_tensor, resize_image
+from extractor.detector.config import DetectorConfig
+from extractor.detector.model import MIN_RESIZED_SIDE, Detections, VGDetector, image_to_tensor, resize_image
+from extractor.detector.selection import STRATEGIES, best_labels, select_caffe, select_maxnms
+from extractor.detector.weights import load_detectron2_weights
 from extractor.images import DEFAULT_MAX_PIXELS, ImageReadError, image_id, list_images, load_image
 from extractor.reuse import Reuse, content_hash, content_hashes, extraction_key, write_sidecar
-from extractor.selection import STRATEGIES, best_labels, select_caffe, select_maxnms
 from extractor.store import FeatureStoreError, FeatureWriter, ImageFeatures, remove_stale_parts
-from extractor.weights import load_detectron2_weights
 
 FEATURE_DTYPES = ("float16", "float32")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -18,8 +18,8 @@ import luigi.configuration
 from luigi.task import flatten
 
 from pipeline.fingerprint import Members, fingerprint
+from tasks.data.jsonstream import iter_jsonl, load_json, write_text_atomic
 from tasks.fileio import writing
-from tasks.jsonstream import iter_jsonl, load_json, write_text_atomic
 
 WORKDIR_ENV = "LXMERT_WORKDIR"
 

@@ -15,7 +15,7 @@ from pipeline.base import (
     param_problems,
     reads,
 )
-from tasks.answers import (
+from tasks.data.answers import (
     AnswerTable,
     build_gqa_table,
     build_pretrain_table,
@@ -24,9 +24,8 @@ from tasks.answers import (
     default_pretrain_table,
     default_vqa_table,
 )
-from tasks.demo import PRESETS, generate_world, world_path
-from tasks.jsonstream import write_json_atomic, write_text_atomic
-from tasks.preprocess import (
+from tasks.data.jsonstream import write_json_atomic, write_text_atomic
+from tasks.data.preprocess import (
     build_gqa_task,
     build_nlvr2_task,
     build_pretrain_corpus,
@@ -34,7 +33,8 @@ from tasks.preprocess import (
     write_corpus,
     write_vqa_subset,
 )
-from tasks.readers import read_gqa_questions, read_img_id_list, read_vg_qas, read_vqa_annotations
+from tasks.data.readers import read_gqa_questions, read_img_id_list, read_vg_qas, read_vqa_annotations
+from tasks.demo import PRESETS, generate_world, world_path
 
 ANSWER_SOURCES = ("released", "build")
 

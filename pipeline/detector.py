@@ -7,12 +7,12 @@ from typing import Any
 
 import luigi
 
-from extractor.config import DetectorConfig
-from extractor.train import demo_detector_config, save_config_yaml, train_detector
+from extractor.detector.config import DetectorConfig
+from extractor.detector.train import demo_detector_config, save_config_yaml, train_detector
 from pipeline.base import InputPathParameter
 from pipeline.data import RawDataTask
+from tasks.data.readers import read_img_id_list
 from tasks.demo import read_manifest
-from tasks.readers import read_img_id_list
 
 
 def detector_config_problems(task: luigi.Task) -> list[str]:

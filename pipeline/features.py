@@ -16,7 +16,7 @@ from extractor.tsv import import_tsv
 from pipeline.base import InputPathParameter, PipelineTask, param_problems, paths_of, workdir
 from pipeline.data import GenerateDemoWorld
 from pipeline.detector import TrainDetector, detector_config_problems
-from tasks.jsonstream import write_text_atomic
+from tasks.data.jsonstream import write_text_atomic
 
 FEATURES = "features.h5"
 

@@ -28,13 +28,13 @@ from pipeline.data import (
 from pipeline.features import ExtractFeatures
 from tasks import finetune, pretrain
 from tasks.baselines import majority_predictions
+from tasks.data.jsonstream import load_json, write_json_atomic, write_text_atomic
 from tasks.evaluate import evaluate_gqa, evaluate_nlvr2, evaluate_vqa
 from tasks.finetune import FinetuneConfig, write_submission
-from tasks.jsonstream import load_json, write_json_atomic, write_text_atomic
-from tasks.loop import TrainConfig
 from tasks.pretrain import PretrainConfig
-from tasks.runconfig import save_json
-from tasks.weights import model_config_from
+from tasks.training.loop import TrainConfig
+from tasks.training.runconfig import save_json
+from tasks.training.weights import model_config_from
 
 INIT_CHOICES = ("pretrained", "scratch")
 

@@ -11,7 +11,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tasks.jsonstream import DataFormatError
+from tasks.data.jsonstream import DataFormatError
+from tasks.data.readers import (
+    read_gqa_choices,
+    read_gqa_questions,
+    read_nlvr2,
+    read_vqa_annotations,
+    read_vqa_questions,
+)
 from tasks.metrics import (
     DuplicateIdError,
     PredictionError,
@@ -21,13 +28,6 @@ from tasks.metrics import (
     read_nlvr2_predictions,
     read_vqa_predictions,
     vqa_accuracy,
-)
-from tasks.readers import (
-    read_gqa_choices,
-    read_gqa_questions,
-    read_nlvr2,
-    read_vqa_annotations,
-    read_vqa_questions,
 )
 
 

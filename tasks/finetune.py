@@ -28,15 +28,35 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from extractor.store import FeatureReader
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
-from tasks.answers import (
+from tasks.data.answers import (
     AnswerTable,
     default_gqa_table,
     default_vqa_table,
     head_init_mapping,
 )
-from tasks.features import locate_images, open_stores, read_image
-from tasks.jsonstream import write_json_atomic
-from tasks.loop import (
+from tasks.data.features import locate_images, open_stores, read_image
+from tasks.data.jsonstream import write_json_atomic
+from tasks.data.readers import (
+    NLVR2Example,
+    load_gqa_task,
+    load_nlvr2_task,
+    load_vqa_task,
+    read_gqa_choices,
+    read_gqa_questions,
+    read_vqa_annotations,
+)
+from tasks.data.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
+from tasks.metrics import (
+    gqa_metrics,
+    nlvr2_metrics,
+    soft_score_accuracy,
+    vqa_accuracy,
+    write_gqa_submission,
+    write_nlvr2_submission,
+    write_vqa_submission,
+)
+from tasks.pretrain import pretrain_table
+from tasks.training.loop import (
     DistEnv,
     StepContext,
     StepFn,
@@ -50,28 +70,8 @@ from tasks.loop import (
     to_device,
     train,
 )
-from tasks.metrics import (
-    gqa_metrics,
-    nlvr2_metrics,
-    soft_score_accuracy,
-    vqa_accuracy,
-    write_gqa_submission,
-    write_nlvr2_submission,
-    write_vqa_submission,
-)
-from tasks.pretrain import pretrain_table
-from tasks.readers import (
-    NLVR2Example,
-    load_gqa_task,
-    load_nlvr2_task,
-    load_vqa_task,
-    read_gqa_choices,
-    read_gqa_questions,
-    read_vqa_annotations,
-)
-from tasks.runconfig import parse_config, save_json
-from tasks.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
-from tasks.weights import (
+from tasks.training.runconfig import parse_config, save_json
+from tasks.training.weights import (
     export_with_vocab,
     fit_vocab,
     load_weights,

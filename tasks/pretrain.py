@@ -29,10 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from extractor.store import FeatureReader, ImageFeatures
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
-from tasks.answers import AnswerTable, convert_label, default_pretrain_table
-from tasks.features import locate_images, open_stores, read_image
-from tasks.jsonstream import DataFormatError, iter_array, write_json_atomic
-from tasks.loop import (
+from tasks.data.answers import AnswerTable, convert_label, default_pretrain_table
+from tasks.data.features import locate_images, open_stores, read_image
+from tasks.data.jsonstream import DataFormatError, iter_array, write_json_atomic
+from tasks.data.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
+from tasks.training.loop import (
     DistEnv,
     StepContext,
     StepFn,
@@ -45,9 +46,8 @@ from tasks.loop import (
     to_device,
     train,
 )
-from tasks.runconfig import parse_config, save_json
-from tasks.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
-from tasks.weights import export_with_vocab, fit_vocab, load_weights, model_config_from, read_checkpoint
+from tasks.training.runconfig import parse_config, save_json
+from tasks.training.weights import export_with_vocab, fit_vocab, load_weights, model_config_from, read_checkpoint
 
 IGNORE = -100  # target value every loss skips (transformers' convention; the model also skips -1)
 SOURCES = ("mscoco", "vg", "vqa", "gqa", "visual7w")

@@ -101,9 +101,9 @@ def tiny_detector_weights(path: Path) -> Path:
     """Random weights of the tiny detector in the Detectron2 pickle format."""
     import torch
 
-    from extractor.config import DetectorConfig
-    from extractor.detector import VGDetector
-    from extractor.weights import save_detectron2_weights
+    from extractor.detector.config import DetectorConfig
+    from extractor.detector.model import VGDetector
+    from extractor.detector.weights import save_detectron2_weights
 
     torch.manual_seed(0)
     save_detectron2_weights(VGDetector(DetectorConfig.load("tiny")), path)

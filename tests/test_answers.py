@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tasks.answers import (
+from tasks.data.answers import (
     CONTRACTIONS,
     AnswerTable,
     build_gqa_table,
@@ -21,8 +21,8 @@ from tasks.answers import (
     vqa_label,
     vqa_soft_score,
 )
-from tasks.jsonstream import DataFormatError
-from tasks.readers import VGQA, GQAQuestion, VQAAnnotation
+from tasks.data.jsonstream import DataFormatError
+from tasks.data.readers import VGQA, GQAQuestion, VQAAnnotation
 
 
 @pytest.mark.parametrize("raw, expected", [

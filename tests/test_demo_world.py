@@ -437,7 +437,7 @@ def test_nlvr2_labels_are_balanced_per_sentence(world: Path) -> None:
 
 def test_world_vocabulary_covers_every_text(world: Path) -> None:
     """vocab.txt tokenizes every sentence, question and answer of the world as BERT's 30,522 do."""
-    from tasks.tokenization import load_tokenizer
+    from tasks.data.tokenization import load_tokenizer
 
     vocab = world_path(world, "vocab")
     small, full = load_tokenizer(vocab), load_tokenizer()

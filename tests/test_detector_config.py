@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from extractor.config import ConfigError, DetectorConfig
-from extractor.detector import VGDetector
-from extractor.labels import attribute_names, display_name, object_names
+from extractor.detector.config import ConfigError, DetectorConfig
+from extractor.detector.labels import attribute_names, display_name, object_names
+from extractor.detector.model import VGDetector
 
 
 def test_named_configs():

@@ -6,15 +6,15 @@ import pytest
 import torch
 from skimage import data
 
-from extractor.config import DetectorConfig
-from extractor.detector import (
+from extractor.detector.config import DetectorConfig
+from extractor.detector.model import (
     VGDetector,
     cell_anchors,
     grid_anchors,
     resize_image,
     resized_shape,
 )
-from extractor.selection import select_caffe, select_maxnms
+from extractor.detector.selection import select_caffe, select_maxnms
 
 
 def _bgr(rgb: np.ndarray) -> np.ndarray:

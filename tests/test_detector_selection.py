@@ -4,7 +4,7 @@ import torch
 from torchvision.ops import box_iou as torchvision_iou
 from torchvision.ops import nms
 
-from extractor.selection import (
+from extractor.detector.selection import (
     _greedy_steps_numpy,
     _greedy_steps_torch,
     best_labels,

@@ -7,11 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from extractor.config import DetectorConfig
-from extractor.detector import Detections, VGDetector
-from extractor.extract import extract_features
-from extractor.store import FeatureReader
-from extractor.train import (
+from extractor.detector.config import DetectorConfig
+from extractor.detector.model import Detections, VGDetector
+from extractor.detector.train import (
     AnnotationError,
     DetectionDataset,
     DetectionSample,
@@ -28,7 +26,9 @@ from extractor.train import (
     save_config_yaml,
     train_detector,
 )
-from extractor.weights import load_detectron2_weights
+from extractor.detector.weights import load_detectron2_weights
+from extractor.extract import extract_features
+from extractor.store import FeatureReader
 
 SHAPES = ("square", "circle")
 COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220)}

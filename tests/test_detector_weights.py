@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from extractor.config import DetectorConfig
-from extractor.detector import VGDetector
-from extractor.weights import (
+from extractor.detector.config import DetectorConfig
+from extractor.detector.model import VGDetector
+from extractor.detector.weights import (
     UnsafePickleError,
     WeightsError,
     load_detectron2_weights,

@@ -5,8 +5,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from extractor.detector.labels import attribute_names, object_names
 from extractor.draw import caption, draw_boxes, main
-from extractor.labels import attribute_names, object_names
 from extractor.store import FeatureWriter, ImageFeatures
 
 OBJECTS, ATTRIBUTES = object_names(), attribute_names()

@@ -9,13 +9,13 @@ from PIL import Image
 from skimage import data
 
 from extractor.__main__ import main
-from extractor.config import DetectorConfig
-from extractor.detector import Detections, VGDetector
+from extractor.detector.config import DetectorConfig
+from extractor.detector.model import Detections, VGDetector
+from extractor.detector.selection import select_caffe
+from extractor.detector.weights import load_detectron2_weights, save_detectron2_weights
 from extractor.extract import BoxRule, ExtractionError, extract_features, to_record
 from extractor.images import load_image
-from extractor.selection import select_caffe
 from extractor.store import FeatureReader, validate
-from extractor.weights import load_detectron2_weights, save_detectron2_weights
 
 PHOTOS = {"astronaut": data.astronaut, "chelsea": data.chelsea, "coffee": data.coffee}
 

@@ -60,9 +60,9 @@ def test_other_settings_reuse_nothing(earlier, tmp_path, change):
 def test_other_weights_reuse_nothing(earlier, tmp_path):
     import torch
 
-    from extractor.config import DetectorConfig
-    from extractor.detector import VGDetector
-    from extractor.weights import save_detectron2_weights
+    from extractor.detector.config import DetectorConfig
+    from extractor.detector.model import VGDetector
+    from extractor.detector.weights import save_detectron2_weights
 
     _, images, _, first = earlier
     torch.manual_seed(1)

@@ -9,15 +9,15 @@ import torch.nn.functional as F
 
 from extractor.store import FeatureReader
 from model.checkpoint import canonical_keys, tied_duplicates
-from tasks.answers import AnswerTable, default_pretrain_table, default_vqa_table
+from tasks.data.answers import AnswerTable, default_pretrain_table, default_vqa_table
+from tasks.data.readers import load_nlvr2_task
+from tasks.data.tokenization import load_tokenizer
+from tasks.demo.feature_world import write_world
 from tasks.finetune import FinetuneConfig, NLVR2Dataset, build_model, collate_task, qa_loss, run
-from tasks.loop import TrainConfig, save_checkpoint
 from tasks.metrics import read_nlvr2_predictions, read_vqa_predictions
 from tasks.pretrain import PretrainConfig, model_config
-from tasks.readers import load_nlvr2_task
-from tasks.synthetic import write_world
-from tasks.tokenization import load_tokenizer
-from tasks.weights import read_checkpoint
+from tasks.training.loop import TrainConfig, save_checkpoint
+from tasks.training.weights import read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,7 +185,7 @@ def test_a_sub_vocabulary_travels_with_the_weights(world, tmp_path):
     """Pretraining with a small vocabulary sizes the embedding for it and saves vocab.txt beside the
     weights; fine-tuning from them picks it up unasked, and a larger tokenizer is refused."""
     from tasks import pretrain
-    from tasks.tokenization import save_vocabulary, sub_vocabulary
+    from tasks.data.tokenization import save_vocabulary, sub_vocabulary
 
     entries = json.loads(world.corpus.read_text())
     texts = [s for e in entries for sents in e["sentf"].values() for s in sents]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tasks.loop import (
+from tasks.training.loop import (
     CheckpointWarning,
     NonFiniteLossError,
     StepOutput,
@@ -190,7 +190,7 @@ def test_config_errors_name_the_parameter(tmp_path):
 
 def test_configs_round_trip_through_json_and_flags(tmp_path):
     from tasks.pretrain import PretrainConfig
-    from tasks.runconfig import load_json, parse_config, save_json
+    from tasks.training.runconfig import load_json, parse_config, save_json
 
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"corpus": ["a.json"], "qa": False, "train": {"lr": 0.5, "epochs": 3}}))

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tasks.demo.feature_world import write_world
 from tasks.pretrain import PretrainConfig, run
-from tasks.runconfig import parse_config
-from tasks.synthetic import write_world
+from tasks.training.runconfig import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

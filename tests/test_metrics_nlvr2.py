@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.jsonstream import DataFormatError
+from tasks.data.jsonstream import DataFormatError
+from tasks.data.readers import nlvr2_group, read_nlvr2
 from tasks.metrics import (
     PredictionError,
     nlvr2_metrics,
@@ -15,7 +16,6 @@ from tasks.metrics import (
     write_nlvr2_submission,
     write_vqa_submission,
 )
-from tasks.readers import nlvr2_group, read_nlvr2
 
 DEV = Path(__file__).parent / "data" / "nlvr2_dev.jsonl"
 

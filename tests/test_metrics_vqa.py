@@ -1,8 +1,8 @@
 """Official VQA accuracy (current and legacy rules) and LXMERT's soft score, on hand-worked cases."""
 import pytest
 
+from tasks.data.readers import VQAAnnotation
 from tasks.metrics import PredictionError, soft_score_accuracy, vqa_accuracy, vqa_question_accuracy
-from tasks.readers import VQAAnnotation
 
 
 def answers(*groups):

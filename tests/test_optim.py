@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.optim import BertAdam, build_optimizer, warmup_linear_factor, warmup_linear_schedule
+from tasks.training.optim import BertAdam, build_optimizer, warmup_linear_factor, warmup_linear_schedule
 
 
 def test_bertadam_first_steps_have_no_bias_correction_and_decay_every_parameter():
@@ -89,7 +89,7 @@ def test_schedule_state_survives_a_weights_only_round_trip():
 
 
 def test_multi_tensor_update_equals_the_per_tensor_one():
-    from tasks.optim import _multi_tensor_update, _single_tensor_update
+    from tasks.training.optim import _multi_tensor_update, _single_tensor_update
 
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (5,), (2, 2, 2)]

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.answers import AnswerTable, default_vqa_table
-from tasks.jsonstream import DataFormatError
-from tasks.preprocess import (
+from tasks.data.answers import AnswerTable, default_vqa_table
+from tasks.data.jsonstream import DataFormatError
+from tasks.data.preprocess import (
     CORPUS_SPLITS,
     build_gqa_task,
     build_nlvr2_task,
@@ -16,7 +16,7 @@ from tasks.preprocess import (
     write_corpus,
     write_vqa_subset,
 )
-from tasks.readers import load_gqa_task, load_nlvr2_task, load_pretrain_corpus, load_vqa_task
+from tasks.data.readers import load_gqa_task, load_nlvr2_task, load_pretrain_corpus, load_vqa_task
 
 DEV = Path(__file__).parent / "data" / "nlvr2_dev.jsonl"
 

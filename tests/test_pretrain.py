@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from extractor.store import FeatureReader
-from tasks.answers import AnswerTable, default_pretrain_table
-from tasks.jsonstream import DataFormatError
-from tasks.loop import TrainConfig
+from tasks.data.answers import AnswerTable, default_pretrain_table
+from tasks.data.jsonstream import DataFormatError
+from tasks.data.tokenization import load_tokenizer
+from tasks.demo.feature_world import write_world
 from tasks.pretrain import (
     IGNORE,
     MaskingConfig,
@@ -23,8 +24,7 @@ from tasks.pretrain import (
     sample_answer,
     targets,
 )
-from tasks.synthetic import write_world
-from tasks.tokenization import load_tokenizer
+from tasks.training.loop import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.jsonstream import DataFormatError
-from tasks.readers import (
+from tasks.data.jsonstream import DataFormatError
+from tasks.data.readers import (
     coco_img_id,
     load_gqa_task,
     load_nlvr2_task,

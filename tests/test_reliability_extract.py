@@ -25,12 +25,12 @@ from pipeline_helpers import feature_arrays, sample_images, tiny_detector_weight
 from skimage import data
 
 from extractor.__main__ import main as extractor_cli
-from extractor.config import DetectorConfig
-from extractor.detector import VGDetector
+from extractor.detector.config import DetectorConfig
+from extractor.detector.model import VGDetector
+from extractor.detector.weights import load_detectron2_weights
 from extractor.extract import BoxRule, ExtractionError, extract_features, to_record
 from extractor.images import load_image
 from extractor.store import FeatureReader, validate
-from extractor.weights import load_detectron2_weights
 from pipeline.features import ExtractFeatures
 
 REPO = Path(__file__).resolve().parents[1]

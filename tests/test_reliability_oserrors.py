@@ -19,12 +19,12 @@ from faults import CALLS, Faults
 from pipeline_helpers import feature_arrays
 from torch import nn
 
+from extractor.detector.weights import save_detectron2_weights
 from extractor.store import FeatureWriter, ImageFeatures, merge, remove_stale_parts
 from extractor.tsv import export_tsv
-from extractor.weights import save_detectron2_weights
+from tasks.data.jsonstream import write_json_atomic
 from tasks.fileio import WriteError, append_text, atomic_directory, atomic_write, write_error
-from tasks.jsonstream import write_json_atomic
-from tasks.loop import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from tasks.training.loop import list_checkpoints, load_latest_checkpoint, save_checkpoint
 
 N, FLUSH = 23, 5
 IDS = [f"img{i:04d}" for i in range(N)]
@@ -285,12 +285,12 @@ def collate(items: list[dict]) -> dict:
 
 
 def toy_step(model, batch, ctx):
-    from tasks.loop import StepOutput
+    from tasks.training.loop import StepOutput
     return StepOutput(((model(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean())
 
 
 def train_toy(out: Path) -> None:
-    from tasks.loop import TrainConfig, train
+    from tasks.training.loop import TrainConfig, train
     torch.manual_seed(0)
     cfg = TrainConfig(output_dir=str(out), epochs=2, batch_size=8, lr=0.05, warmup_ratio=0.0, optimizer="adamw",
                       weight_decay=0.0, num_workers=0, log_every=1, ckpt_every=3, keep_last=2, progress=False,
@@ -357,7 +357,7 @@ def test_checkpoint_save_failure_keeps_the_earlier_checkpoints(tmp_path, monkeyp
 def test_tensorboard_errors_name_its_folder(tmp_path, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 
-    from tasks.loop import _Logs
+    from tasks.training.loop import _Logs
     logs = _Logs(tmp_path, ["loss"], None, tensorboard=True)
 
     def full(*args, **kwargs):
@@ -374,8 +374,8 @@ def test_tensorboard_errors_name_its_folder(tmp_path, monkeypatch):
 def test_safetensors_export_names_the_file(tmp_path, monkeypatch):
     from model import LxmertConfig, LxmertForQuestionAnswering
     from model.checkpoint import SAFETENSORS_NAME
-    from tasks.loop import export_model
-    from tasks.weights import MODEL_PRESETS
+    from tasks.training.loop import export_model
+    from tasks.training.weights import MODEL_PRESETS
 
     model = LxmertForQuestionAnswering(LxmertConfig(**{**MODEL_PRESETS["tiny"], "num_qa_labels": 3}))
     original = Path.write_bytes
@@ -402,9 +402,9 @@ def test_safetensors_export_names_the_file(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- detector weights, detector files, demo world
 
 def test_detector_weights_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
-    from extractor.config import DetectorConfig
-    from extractor.detector import VGDetector
-    from extractor.train import save_config_yaml
+    from extractor.detector.config import DetectorConfig
+    from extractor.detector.model import VGDetector
+    from extractor.detector.train import save_config_yaml
 
     torch.manual_seed(0)
     model = VGDetector(DetectorConfig.load("tiny"))

@@ -17,7 +17,7 @@ import torch
 from pipeline_helpers import REPO, env_for, luigi_cmd, write_config
 from safetensors.torch import load_file
 
-from tasks.synthetic import write_world
+from tasks.demo.feature_world import write_world
 
 # train.csv gets a row every 10 steps (TrainConfig's default); a row averages the losses since the previous
 # one. Checkpoints every 7 steps (and at the ends of the 10-step epochs) fall inside open logging windows,

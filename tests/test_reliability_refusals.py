@@ -25,9 +25,9 @@ from pipeline.data import BuildNLVR2Data, BuildPretrainCorpus, BuildVQAData
 from pipeline.detector import TrainDetector
 from pipeline.features import ExtractFeatures, ValidateFeatures
 from pipeline.training import FinetuneVQA, PretrainLXMERT
-from tasks.loop import CheckpointWarning, load_latest_checkpoint, save_checkpoint
-from tasks.synthetic import write_world
-from tasks.weights import read_checkpoint
+from tasks.demo.feature_world import write_world
+from tasks.training.loop import CheckpointWarning, load_latest_checkpoint, save_checkpoint
+from tasks.training.weights import read_checkpoint
 
 
 class CreatesFile:

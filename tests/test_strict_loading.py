@@ -19,13 +19,13 @@ from model.checkpoint import CheckpointError, load_into, tied_duplicates
 from model.config import MAX_PARAMETERS, ConfigError
 from pipeline.training import FinetuneVQA, PretrainLXMERT
 from tasks import finetune
-from tasks.answers import AnswerTable, default_pretrain_table, default_vqa_table
+from tasks.data.answers import AnswerTable, default_pretrain_table, default_vqa_table
+from tasks.data.tokenization import save_vocabulary
+from tasks.demo.feature_world import write_world
 from tasks.finetune import FinetuneConfig, build_model
 from tasks.pretrain import PretrainConfig
 from tasks.pretrain import build_model as build_pretraining_model
-from tasks.synthetic import write_world
-from tasks.tokenization import save_vocabulary
-from tasks.weights import model_config_from
+from tasks.training.weights import model_config_from
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

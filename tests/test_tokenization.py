@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.tokenization import load_tokenizer, save_vocabulary, sub_vocabulary, tokenizer_tokens, vocab_beside
+from tasks.data.tokenization import load_tokenizer, save_vocabulary, sub_vocabulary, tokenizer_tokens, vocab_beside
 
 
 def test_known_sentence_gives_known_ids():

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tasks.demo.world import PRESETS, WorldConfig, generate_world
-from tasks.runconfig import add_arguments, from_dict
+from tasks.training.runconfig import add_arguments, from_dict
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 
+from tasks.data.readers import GQAChoices, GQAQuestion
 from tasks.metrics.common import DuplicateIdError, PredictionError, check_coverage
-from tasks.readers import GQAChoices, GQAQuestion
 
 # For "...in common?" questions (types.detailed containing "Common") the official evaluation
 # replaces the choices file's answer sets with these when judging validity and plausibility.

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from tasks.data.readers import NLVR2Example, nlvr2_group
 from tasks.metrics.common import PredictionError, check_coverage
-from tasks.readers import NLVR2Example, nlvr2_group
 
 
 def nlvr2_metrics(

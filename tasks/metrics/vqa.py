@@ -4,9 +4,9 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Literal
 
-from tasks.answers import normalize_answer, process_punctuation
+from tasks.data.answers import normalize_answer, process_punctuation
+from tasks.data.readers import VQAAnnotation
 from tasks.metrics.common import PredictionError, check_coverage
-from tasks.readers import VQAAnnotation
 
 Rules = Literal["current", "legacy"]
 

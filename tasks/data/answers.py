@@ -13,10 +13,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tasks.jsonstream import DataFormatError, load_json, write_json_atomic
+from tasks.data.jsonstream import DataFormatError, load_json, write_json_atomic
 
 if TYPE_CHECKING:
-    from tasks.readers import VGQA, GQAQuestion, VQAAnnotation
+    from tasks.data.readers import VGQA, GQAQuestion, VQAAnnotation
 
 # ---------------------------------------------------------------------------------------------
 # LXMERT's answer conversion (pretraining labels and fine-tuning head initialisation)

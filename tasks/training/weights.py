@@ -119,8 +119,8 @@ def fit_vocab(config: Any, vocab_size: int, from_checkpoint: bool, source: str) 
 def export_with_vocab(tokens: list[str]) -> Callable[[nn.Module, Path], None]:
     """The training loop's export_fn that also saves the tokenizer's vocab.txt beside the weights,
     so whatever later loads them (fine-tuning, evaluation) tokenizes as training did."""
-    from tasks.loop import export_model
-    from tasks.tokenization import save_vocabulary
+    from tasks.data.tokenization import save_vocabulary
+    from tasks.training.loop import export_model
 
     def export(model: nn.Module, directory: Path) -> None:
         export_model(model, directory)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import FrozenBatchNorm2d, clip_boxes_to_image, nms, roi_align, roi_pool
 
-from extractor.config import SCALE_CLAMP, DetectorConfig
+from extractor.detector.config import SCALE_CLAMP, DetectorConfig
 
 C4_STRIDE = 16
 # A resized image must give the backbone at least one C4 cell.

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from model.checkpoint import load_torch
 from tasks.fileio import FdWriter, append_text, atomic_directory, atomic_output, atomic_write, remove_quietly, writing
-from tasks.optim import OPTIMIZERS, build_optimizer, warmup_linear_schedule
+from tasks.training.optim import OPTIMIZERS, build_optimizer, warmup_linear_schedule
 
 CHECKPOINT_FORMAT = 1
 AMP_MODES = ("none", "bf16", "fp16")

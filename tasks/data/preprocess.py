@@ -1,7 +1,7 @@
 """Builders of LXMERT's preprocessed files (docs/architecture.md) from the datasets' raw files.
 
 Each builder returns the entries; write them with write_json_atomic. Users who already have
-LXMERT's released json skip this step and load those with tasks.readers.load_*.
+LXMERT's released json skip this step and load those with tasks.data.readers.load_*.
 """
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tasks.answers import AnswerTable, vqa_label
-from tasks.jsonstream import DataFormatError, load_json, write_json_atomic
-from tasks.readers import (
+from tasks.data.answers import AnswerTable, vqa_label
+from tasks.data.jsonstream import DataFormatError, load_json, write_json_atomic
+from tasks.data.readers import (
     nlvr2_img_ids,
     read_coco_captions,
     read_gqa_questions,

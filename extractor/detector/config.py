@@ -139,7 +139,7 @@ class DetectorConfig:
 
 
 def _check_label_files(cfg: DetectorConfig) -> None:
-    from extractor.labels import attribute_names, object_names
+    from extractor.detector.labels import attribute_names, object_names
 
     n = len(object_names(cfg.object_labels))
     if n != cfg.num_classes:

@@ -1,0 +1,1 @@
+"""Datasets: raw readers, answer tables, tokenization, preprocessing into LXMERT's files, features."""

@@ -1,0 +1,1 @@
+"""Training: the one loop, its optimisers, checkpoint weights and run configs."""
