@@ -1,0 +1,164 @@
+"""Cross-attention out of the model (what the network uses, rows sum to 1) and pointing accuracy on a known case."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from extractor.store import FeatureReader, FeatureWriter, ImageFeatures
+from model import LxmertConfig, LxmertModel
+from tasks.data.jsonstream import DataFormatError
+from tasks.data.tokenization import load_tokenizer
+from tasks.grounding import PointingItem, gqa_pointing_items, object_boxes, pointing_accuracy
+
+hf_logging.set_verbosity_error()
+CFG = LxmertConfig(vocab_size=50, hidden_size=32, num_attention_heads=4, intermediate_size=37, l_layers=1,
+                   x_layers=3, r_layers=1, visual_feat_dim=12, max_position_embeddings=16)
+
+
+def _inputs(batch: int = 3, seq: int = 7, boxes: int = 5) -> dict:
+    g = torch.Generator().manual_seed(3)
+    text = torch.ones(batch, seq, dtype=torch.long)
+    text[0, 4:] = 0
+    visn = torch.ones(batch, boxes)
+    visn[1, 2:] = 0
+    visn[2, 4:] = 0
+    return {"input_ids": torch.randint(1, CFG.vocab_size, (batch, seq), generator=g),
+            "visual_feats": torch.randn(batch, boxes, CFG.visual_feat_dim, generator=g),
+            "visual_pos": torch.rand(batch, boxes, 4, generator=g), "attention_mask": text,
+            "visual_attention_mask": visn}
+
+
+def test_cross_attentions_are_the_ones_the_network_uses(tmp_path: Path) -> None:
+    """Equal to transformers' cross_encoder_attentions (the oracle); asking for them changes no output."""
+    ours = LxmertModel(CFG).eval()
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.LxmertModel.from_pretrained(tmp_path).eval()
+    inputs = _inputs()
+    with torch.no_grad():
+        plain = ours(**inputs)
+        out = ours(**inputs, output_attentions=True)
+        ref = theirs(**inputs, output_attentions=True)
+    assert plain.cross_encoder_attentions is None
+    assert len(out.cross_encoder_attentions) == CFG.x_layers
+    for a, b in zip(out.cross_encoder_attentions, ref.cross_encoder_attentions):
+        assert a.shape == (3, CFG.num_attention_heads, 7, 5)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.language_output, plain.language_output, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.pooled_output, plain.pooled_output, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.vision_output, plain.vision_output, atol=1e-5, rtol=1e-4)
+
+
+def test_cross_attention_rows_sum_to_one_over_real_boxes() -> None:
+    model = LxmertModel(CFG).eval()
+    inputs = _inputs()
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True, return_vision=False)
+    real = inputs["visual_attention_mask"][:, None, None, :]
+    for att in out.cross_encoder_attentions:
+        torch.testing.assert_close(att.sum(-1), torch.ones(att.shape[:-1]))
+        assert float((att * (1 - real)).abs().max()) == 0.0  # padded boxes get nothing
+        assert float(att.min()) >= 0.0
+
+
+# ---------------------------------------------------------------- pointing accuracy on a constructed case
+
+@dataclass
+class _Out:
+    cross_encoder_attentions: tuple[torch.Tensor, ...]
+
+
+class _Pointer(nn.Module):
+    """A stand-in encoder whose attention is known: in layer 0 every word spreads it evenly over the
+    real boxes (so its peak is box 0); in layer 1 a word attends to the box whose first feature
+    equals its token id (box 0 if none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, feats, pos, text_mask, box_mask, return_vision=True, output_attentions=False):
+        b, n_words = input_ids.shape
+        n_boxes = feats.shape[1]
+        first = (box_mask / box_mask.sum(-1, keepdim=True))[:, None, None, :].expand(b, 2, n_words, n_boxes)
+        match = (feats[:, None, :, 0] == input_ids[:, :, None].float()).float()  # (b, words, boxes)
+        match[..., 0] += (match.sum(-1) == 0).float()
+        second = (match / match.sum(-1, keepdim=True))[:, None].expand(b, 2, n_words, n_boxes)
+        return _Out((first, second))
+
+
+def _store(path: Path, images: dict[str, list[tuple[float, float, float, float, float]]]) -> FeatureReader:
+    """Images of 100 x 100 pixels with boxes (x1, y1, x2, y2, first feature)."""
+    with FeatureWriter(path, max_boxes=4, feature_dim=3, dtype="float32") as w:  # token ids stay exact
+        for img_id, boxes in images.items():
+            n = len(boxes)
+            feats = np.zeros((n, 3), np.float32)
+            feats[:, 0] = [b[4] for b in boxes]
+            w.add(ImageFeatures(img_id=img_id, img_h=100, img_w=100,
+                                boxes=np.array([b[:4] for b in boxes], np.float32), features=feats,
+                                objects_id=np.zeros(n, np.int64), objects_conf=np.ones(n, np.float32),
+                                attrs_id=np.zeros(n, np.int64), attrs_conf=np.ones(n, np.float32)))
+        w.finalize()
+    return FeatureReader(path)
+
+
+def test_pointing_accuracy_counts_hits_per_layer_and_chance(tmp_path: Path) -> None:
+    tok = load_tokenizer()
+    star, circle = tok.convert_tokens_to_ids(["star", "circle"])
+    store = _store(tmp_path / "f.h5", {
+        "a": [(0, 0, 10, 10, 0), (50, 50, 70, 70, star), (20, 0, 40, 20, circle), (0, 0, 9, 10, 5)],
+        "b": [(0, 0, 30, 30, circle), (60, 60, 90, 90, 0)],
+    })
+    items = [
+        # "star?" (word 3) names the object at (50, 50, 20, 20), box 1: layer 1 points there ("?" does
+        # not count), layer 0 at box 0
+        PointingItem("q1", "a", "Where is the star?", ((3, 4, (50.0, 50.0, 20.0, 20.0)),)),
+        # "circle" (word 3) names the object of box 2: layer 1 hits, layer 0 does not
+        PointingItem("q2", "a", "What is the circle?", ((3, 4, (20.0, 0.0, 20.0, 20.0)),)),
+        # two words: "circle" points at box 0 (a hit in both layers); "square" has no box with its id,
+        # so layer 1 falls back to box 0, which is not the square's
+        PointingItem("q3", "b", "Is the circle left of the square?",
+                     ((2, 3, (0.0, 0.0, 30.0, 30.0)), (6, 7, (60.0, 60.0, 30.0, 30.0)))),
+        PointingItem("q4", "missing", "What is the star?", ((3, 4, (0.0, 0.0, 1.0, 1.0)),)),
+    ]
+    model = nn.Module()
+    model.lxmert = _Pointer()
+    result = pointing_accuracy(model, tok, [store], items, batch_size=2)
+    assert result["objects"] == 4 and result["questions"] == 3 and result["skipped"] == 1
+    assert result["per_layer"] == [25.0, 75.0]  # layer 0: the q3 circle; layer 1: q1, q2, the q3 circle
+    assert result["accuracy"] == 75.0  # the mean over layers peaks where layer 1 does
+    # boxes overlapping the named object: q1 1 of 4, q2 1 of 4 (box 3 is the object of box 0), q3 1 of 2 each
+    assert result["chance"] == pytest.approx(100 * (1 / 4 + 1 / 4 + 1 / 2 + 1 / 2) / 4, abs=0.01)
+    assert result["reachable"] == 100.0
+
+
+def test_gqa_items_from_annotations_and_boxes(tmp_path: Path) -> None:
+    objects = tmp_path / "objects.json"
+    objects.write_text(json.dumps([{"image_id": 7, "objects": [{"object_id": 11, "x": 1, "y": 2, "w": 3, "h": 4},
+                                                               {"object_id": 12, "x": 5, "y": 6, "w": 7, "h": 8}]}]))
+    graphs = tmp_path / "val_sceneGraphs.json"
+    graphs.write_text(json.dumps({"7": {"width": 50, "height": 50,
+                                        "objects": {"11": {"x": 1, "y": 2, "w": 3, "h": 4, "name": "star"}}}}))
+    assert object_boxes(objects) == {"11": (1.0, 2.0, 3.0, 4.0), "12": (5.0, 6.0, 7.0, 8.0)}
+    assert object_boxes(graphs) == {"11": (1.0, 2.0, 3.0, 4.0)}
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps({
+        "001": {"imageId": "7", "question": "Is the star left of the big cross?",
+                "annotations": {"question": {"2": "11", "5:7": "12"}, "answer": {}, "fullAnswer": {}}},
+        "002": {"imageId": "7", "question": "Is there a star?", "annotations": {"question": {}}},
+        "003": {"imageId": "7", "question": "Is the moon up?", "annotations": {"question": {"2": "99"}}},
+    }))
+    items = gqa_pointing_items(questions, object_boxes(objects))
+    assert items == [PointingItem("001", "7", "Is the star left of the big cross?",
+                                  ((2, 3, (1.0, 2.0, 3.0, 4.0)), (5, 7, (5.0, 6.0, 7.0, 8.0))))]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"1": {"imageId": "7", "question": "x", "annotations": {"question": {"a": "11"}}}}))
+    with pytest.raises(DataFormatError, match="bad.json: question '1': annotation key 'a'"):
+        gqa_pointing_items(bad, object_boxes(objects))
