@@ -15,12 +15,14 @@ from extractor.draw import draw_boxes
 from extractor.images import image_id, list_images, load_image
 from extractor.store import FeatureReader
 from pipeline.base import PipelineTask
+from pipeline.data import BuildGQAData
 from pipeline.detector import TrainDetector
 from pipeline.features import ExtractFeatures, ValidateFeatures
+from pipeline.grounding import MeasurePointing
 from pipeline.training import EvaluateGQA, EvaluateNLVR2, EvaluateVQA, PretrainLXMERT
 from tasks.data.jsonstream import load_json, write_json_atomic
 from tasks.fileio import atomic_write
-from tasks.report import summarize, write_report
+from tasks.report import grounding_summary, plot_validation, summarize, write_report
 
 EVALUATIONS = {"vqa": EvaluateVQA, "gqa": EvaluateGQA, "nlvr2": EvaluateNLVR2}
 
@@ -53,6 +55,8 @@ class Report(PipelineTask):
             "features": ExtractFeatures()}
         if "pretrained" in self.inits:
             deps["pretrain"] = PretrainLXMERT()
+        if MeasurePointing().objects or BuildGQAData().uses_demo():  # real GQA needs its scene graphs
+            deps["pointing"] = {init: MeasurePointing(init=init) for init in self.inits}
         if not ExtractFeatures().weights:
             deps["detector"] = TrainDetector()
         return deps
@@ -68,12 +72,19 @@ class Report(PipelineTask):
             for png in sorted((inputs["pretrain"] / "plots").glob("*.png")):
                 curves.append(Path("plots") / f"pretrain_{png.name}")
                 shutil.copyfile(png, out / curves[-1])
+            if (inputs["pretrain"] / "logs" / "eval.csv").is_file():
+                curves += [p.relative_to(out) for p in plot_validation(inputs["pretrain"] / "logs" / "eval.csv",
+                                                                       out / "plots")]
         detections = self.draw(ExtractFeatures.path(inputs["features"]), out)
         details = {task: {init: {"accuracy": m["accuracy"], "official": m["official"]["model"]}
                           for init, m in runs.items()} for task, runs in evaluations.items()}
         if detector:
             details["detector"] = {k: detector.get(k) for k in ("map50", "per_class", "region_accuracy")}
         summary = summarize(evaluations, detector, _graph_seconds(self))
+        pretrain_evals = load_json(inputs["pretrain"] / "metrics.json")["evals"] if "pretrain" in inputs else []
+        pointing = {init: load_json(d / "metrics.json") for init, d in inputs.get("pointing", {}).items()}
+        summary["grounding"] = grounding_summary(pretrain_evals, pointing)
+        details["pointing"] = pointing
         write_report(out, summary, title=self.title, details=details, curves=curves, detections=detections)
         print("[lxmert] summary " + json.dumps(summary), flush=True)
 

@@ -9,6 +9,7 @@ from pipeline.data import (
 )
 from pipeline.detector import TrainDetector
 from pipeline.features import ExtractFeatures, ExtractFeaturesShard, ImportTSVFeatures, ValidateFeatures
+from pipeline.grounding import MeasurePointing
 from pipeline.report import Report, RunAll
 from pipeline.training import (
     EvaluateGQA,
@@ -23,4 +24,4 @@ from pipeline.training import (
 __all__ = ["BuildGQAData", "BuildNLVR2Data", "BuildPretrainCorpus", "BuildTaskData", "BuildVQAData",
            "EvaluateGQA", "EvaluateNLVR2", "EvaluateVQA", "ExtractFeatures", "ExtractFeaturesShard",
            "FinetuneGQA", "FinetuneNLVR2", "FinetuneVQA", "GenerateDemoWorld", "ImportTSVFeatures",
-           "PretrainLXMERT", "Report", "RunAll", "TrainDetector", "ValidateFeatures"]
+           "MeasurePointing", "PretrainLXMERT", "Report", "RunAll", "TrainDetector", "ValidateFeatures"]

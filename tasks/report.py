@@ -2,12 +2,15 @@
 loss curves and images with their detected boxes, as Markdown, HTML and summary.json."""
 from __future__ import annotations
 
+import csv
 import html
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 from tasks.data.jsonstream import write_json_atomic, write_text_atomic
+from tasks.fileio import atomic_write
 
 TASKS = ("vqa", "gqa", "nlvr2")
 TITLES = {"vqa": "VQA v2 (accuracy, official)", "gqa": "GQA (accuracy, official)",
@@ -28,6 +31,56 @@ def summarize(evaluations: dict[str, dict[str, dict[str, Any]]], detector: dict[
     return summary
 
 
+def grounding_summary(pretrain_evals: list[dict[str, Any]], pointing: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's grounding figures: the matching accuracy (%) on held-out pairs after the first and
+    the last pretraining epoch, and per init the pointing accuracy (%) with its chance level."""
+    out: dict[str, Any] = {}
+    matching = [e["valid_matched_accuracy"] for e in pretrain_evals if "valid_matched_accuracy" in e]
+    if matching:
+        out["matching"] = {"first_epoch": round(100 * matching[0], 2), "last_epoch": round(100 * matching[-1], 2)}
+    if pointing:
+        out["pointing"] = {init: m["accuracy"] for init, m in pointing.items()}
+        out["pointing"]["chance"] = next(iter(pointing.values()))["chance"]
+    return out
+
+
+def plot_validation(eval_csv: Path, out_dir: Path, prefix: str = "pretrain_valid") -> list[Path]:
+    """One PNG per column of a run's eval.csv against the epoch (losses, matching accuracy, QA score)."""
+    from matplotlib.figure import Figure
+
+    with eval_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    written = []
+    for column in (c for c in (rows[0] if rows else {}) if c not in ("step", "epoch")):
+        points = [(int(r["epoch"]) + 1, float(r[column])) for r in rows if r.get(column) not in (None, "")]
+        fig = Figure(figsize=(6, 4), dpi=100)
+        ax = fig.subplots()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(column)
+        ax.set_title(f"held-out {column.removeprefix('valid_')} after each epoch")
+        ax.grid(True, alpha=0.3)
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        path = out_dir / f"{prefix}_{column.removeprefix('valid_')}.png"
+        atomic_write(path, png.getvalue())
+        written.append(path)
+    return written
+
+
+def _grounding_rows(summary: dict[str, Any]) -> list[list[str]]:
+    g = summary.get("grounding") or {}
+    rows = []
+    if "matching" in g:
+        rows.append(["image-sentence matching, held-out pairs (first -> last pretraining epoch)",
+                     f"{_fmt(g['matching']['first_epoch'])} -> {_fmt(g['matching']['last_epoch'])}", "", "50.00"])
+    if "pointing" in g:
+        p = g["pointing"]
+        rows.append(["pointing: attention of GQA object words on the named object's box",
+                     _fmt(p.get("pretrained")), _fmt(p.get("scratch")), f"{_fmt(p.get('chance'))} (chance)"])
+    return rows
+
+
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
@@ -37,7 +90,7 @@ def _table(summary: dict[str, Any]) -> list[list[str]]:
     for task in TASKS:
         s = summary[task]
         rows.append([TITLES[task], _fmt(s["pretrained"]), _fmt(s["scratch"]), _fmt(s["majority"])])
-    return rows
+    return rows + _grounding_rows(summary)
 
 
 def write_report(out: Path, summary: dict[str, Any], *, title: str, details: dict[str, Any],

@@ -14,9 +14,13 @@ from transformers.utils import logging as hf_logging
 
 from extractor.store import FeatureReader, FeatureWriter, ImageFeatures
 from model import LxmertConfig, LxmertModel
+from tasks.data.answers import default_pretrain_table
 from tasks.data.jsonstream import DataFormatError
 from tasks.data.tokenization import load_tokenizer
+from tasks.demo.feature_world import write_world
 from tasks.grounding import PointingItem, gqa_pointing_items, object_boxes, pointing_accuracy
+from tasks.pretrain import MaskingConfig, PretrainConfig, PretrainCorpus, PretrainDataset, evaluate
+from tasks.training.loop import DistEnv
 
 hf_logging.set_verbosity_error()
 CFG = LxmertConfig(vocab_size=50, hidden_size=32, num_attention_heads=4, intermediate_size=37, l_layers=1,
@@ -162,3 +166,48 @@ def test_gqa_items_from_annotations_and_boxes(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"1": {"imageId": "7", "question": "x", "annotations": {"question": {"a": "11"}}}}))
     with pytest.raises(DataFormatError, match="bad.json: question '1': annotation key 'a'"):
         gqa_pointing_items(bad, object_boxes(objects))
+
+
+# ---------------------------------------------------------------- matching accuracy in the pretraining evaluation
+
+class _Matcher(nn.Module):
+    """Answers the matching question right except for the examples listed in `wrong` (by dataset index)."""
+
+    def __init__(self, wrong: set[int], index: list[int]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.wrong, self.index = wrong, index
+
+    def forward(self, input_ids, matched_label=None, **_):
+        rows = self.index[: len(input_ids)]
+        del self.index[: len(input_ids)]
+        if matched_label is None:
+            return type("Out", (), {"loss": self.weight.sum(), "losses": {},
+                                    "cross_relationship_score": torch.zeros(len(rows), 2),
+                                    "question_answering_score": None})()
+        said = matched_label.clone()
+        for row, i in enumerate(rows):
+            if i in self.wrong:
+                said[row] = 1 - said[row]
+        score = torch.nn.functional.one_hot(said, 2).float()
+        return type("Out", (), {"loss": self.weight.sum(), "losses": {}, "cross_relationship_score": score,
+                                "question_answering_score": None})()
+
+
+def test_matching_accuracy_is_the_share_of_pairs_the_head_gets_right(tmp_path: Path) -> None:
+    world = write_world(tmp_path / "world", n_images=6, max_boxes=4, feature_dim=8)
+    stores = [FeatureReader(world.features)]
+    corpus = PretrainCorpus([world.corpus], stores, default_pretrain_table())
+    dataset = PretrainDataset(corpus, stores, load_tokenizer(), MaskingConfig(), seed=1)
+    cfg = PretrainConfig(corpus=[str(world.corpus)], features=[str(world.features)], qa=False)
+    cfg.train.num_workers = 0
+    indices = list(range(len(dataset)))
+    labels = [dataset[i]["matched"] for i in indices]  # the examples evaluate sees (epoch 0's draws)
+    assert 0 < sum(labels) < len(labels)
+    wrong = {0, 3, 4}
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    result = evaluate(_Matcher(wrong, list(indices)), dataset, indices, cfg, env, batch_size=4, epoch=0)
+    assert result["valid_matched_accuracy"] == pytest.approx(1 - len(wrong) / len(indices))
+    cfg.matched = False  # the objective off: no matching targets, no accuracy
+    assert "valid_matched_accuracy" not in evaluate(_Matcher(wrong, list(indices)), dataset, indices, cfg, env,
+                                                     batch_size=4, epoch=0)
