@@ -40,8 +40,8 @@ from extractor.detector.config import _MAPPED, NAMED_CONFIGS, ConfigError, Detec
 from extractor.detector.labels import ATTRIBUTES_FILE, OBJECTS_FILE, read_labels
 from extractor.detector.model import Bottleneck, Conv2dNorm, VGDetector, image_to_tensor, resize_image
 from extractor.detector.weights import save_detectron2_weights
+from extractor.fileio import atomic_write
 from extractor.images import ImageReadError, image_id, list_images, load_image
-from tasks.fileio import atomic_write
 
 # Detectron2's MSRA input normalisation: a network trained from scratch without batch statistics
 # needs inputs near unit scale (the released Caffe model's std of 1 only suits its own weights).

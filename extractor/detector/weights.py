@@ -11,7 +11,6 @@ a different normalisation means the wrong config for these weights).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import pickle
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.fileio import atomic_output
+from extractor.fileio import atomic_output, file_sha256
 
 __all__ = ["WeightsError", "UnsafePickleError", "safe_load_pickle", "load_detectron2_weights",
            "save_detectron2_weights", "read_weights", "file_sha256"]
@@ -85,15 +84,6 @@ def safe_load_pickle(path: str | Path) -> Any:
     """Unpickle a file allowing numpy arrays, dtypes, scalars and plain containers only; never runs code."""
     with open(path, "rb") as f:
         return _RestrictedUnpickler(f, str(path)).load()
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in chunks (weights files are hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_torch_file(path: Path) -> bool:

@@ -1,6 +1,6 @@
 """Readers of the datasets' own files (COCO, Visual Genome, VQA v2, GQA, NLVR2) and of LXMERT's json.
 
-Large files are streamed record by record (tasks.data.jsonstream). Every reader yields small frozen
+Large files are streamed record by record (extractor.jsonstream). Every reader yields small frozen
 records with the img_id the feature extractor writes for the same image (its file stem):
 COCO `COCO_train2014_000000132417`, Visual Genome and GQA the image number as a string, NLVR2
 `dev-850-0-img0`. Malformed input raises DataFormatError naming the file and the record.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.data.jsonstream import DataFormatError, iter_array, iter_jsonl, iter_members, iter_object, load_json
+from extractor.jsonstream import DataFormatError, iter_array, iter_jsonl, iter_members, iter_object, load_json
 
 PathLike = str | os.PathLike[str]
 

@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from tasks.fileio import atomic_write, writing
+from extractor.fileio import atomic_write, writing
 
 CHUNK_CHARS = 1 << 20
 _NON_BLANK = re.compile(r"[^ \t\n\r]")
