@@ -402,9 +402,8 @@ def test_safetensors_export_names_the_file(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- detector weights, detector files, demo world
 
 def test_detector_weights_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
-    from extractor.detector.config import DetectorConfig
+    from extractor.detector.config import DetectorConfig, save_config_yaml
     from extractor.detector.model import VGDetector
-    from extractor.detector.train import save_config_yaml
 
     torch.manual_seed(0)
     model = VGDetector(DetectorConfig.load("tiny"))
