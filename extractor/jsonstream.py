@@ -122,14 +122,8 @@ class _Scanner:
             self.where = f"{label}record {index}: "
             yield self.value()
             index += 1
-            sep = self.peek()
-            self._pos += 1
-            if sep == "]":
-                self.where = ""
+            if not self._more("]", "an array"):
                 return
-            if sep != ",":
-                self._pos -= 1
-                raise self.error(f"expected ',' or ']' in an array, found {sep or 'end of file'!r}")
 
     def object_members(self) -> Iterator[str]:
         """Keys of the object whose '{' is next; after each key the scanner stands at its value."""
@@ -142,14 +136,20 @@ class _Scanner:
             self.where = f"key {key!r}: "
             self.take(":")
             yield key
-            sep = self.peek()
-            self._pos += 1
-            if sep == "}":
-                self.where = ""
+            if not self._more("}", "an object"):
                 return
-            if sep != ",":
-                self._pos -= 1
-                raise self.error(f"expected ',' or '}}' in an object, found {sep or 'end of file'!r}")
+
+    def _more(self, close: str, what: str) -> bool:
+        """After a member: True at ',' (another follows), False at the closing bracket, else an error."""
+        sep = self.peek()
+        self._pos += 1
+        if sep == close:
+            self.where = ""
+            return False
+        if sep != ",":
+            self._pos -= 1
+            raise self.error(f"expected ',' or {close!r} in {what}, found {sep or 'end of file'!r}")
+        return True
 
     def finish(self) -> None:
         if self.peek():
@@ -173,14 +173,7 @@ def iter_array(path: str | os.PathLike[str], *, chunk_chars: int = CHUNK_CHARS) 
 
 def iter_object(path: str | os.PathLike[str], *, chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, Any]]:
     """(key, value) members of a file whose top-level value is an object (e.g. GQA questions)."""
-    path = Path(path)
-    with _open(path) as fh:
-        sc = _Scanner(fh, path, chunk_chars)
-        if sc.peek() != "{":
-            raise sc.error("expected a top-level JSON object")
-        for key in sc.object_members():
-            yield key, sc.value()
-        sc.finish()
+    yield from iter_members(path, (), chunk_chars=chunk_chars)
 
 
 def iter_members(

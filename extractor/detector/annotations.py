@@ -137,6 +137,13 @@ def read_vg_annotations(images: str | os.PathLike, objects: str | os.PathLike,
                     extra[(entry.img_id, obj.object_id)] = obj.attributes
 
     skipped = {"empty_boxes": 0, "unknown_objects": 0, "unknown_attributes": 0}
+
+    def unknown(count: str, message: str) -> None:
+        """A name the label files lack: counted under `count` and dropped (unknown_names="skip"), else refused."""
+        if unknown_names != "skip":
+            raise AnnotationError(message)
+        skipped[count] += 1
+
     out: list[ImageAnnotation] = []
     seen: set[str] = set()
     for k, entry in enumerate(read_vg_objects(objects)):
@@ -158,20 +165,16 @@ def read_vg_annotations(images: str | os.PathLike, objects: str | os.PathLike,
                 continue
             name = obj.names[0].strip().lower()
             if name not in classes:
-                if unknown_names == "skip":
-                    skipped["unknown_objects"] += 1
-                    continue
-                raise AnnotationError(f"{objects}: image {img} object {oid}: name {obj.names[0]!r} is not in the "
-                                      f"object vocabulary {object_vocab}")
+                unknown("unknown_objects", f"{objects}: image {img} object {oid}: name {obj.names[0]!r} is not in "
+                                           f"the object vocabulary {object_vocab}")
+                continue
             found: list[int] = []
             for a in (obj.attributes + extra.get((img, oid), ())) if attr_ids else ():
                 key = a.strip().lower()
                 if key not in attr_ids:
-                    if unknown_names == "skip":
-                        skipped["unknown_attributes"] += 1
-                        continue
-                    raise AnnotationError(f"{where}: image {img} object {oid}: attribute {a!r} is not in the "
-                                          f"attribute vocabulary {attribute_vocab}")
+                    unknown("unknown_attributes", f"{where}: image {img} object {oid}: attribute {a!r} is not in "
+                                                  f"the attribute vocabulary {attribute_vocab}")
+                    continue
                 if attr_ids[key] not in found:
                     found.append(attr_ids[key])
             x, y, w, h = float(obj.x), float(obj.y), float(obj.w), float(obj.h)
