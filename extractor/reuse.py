@@ -12,7 +12,6 @@ any moment never leaves an index line that gives wrong features.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,7 +22,8 @@ from typing import Any
 
 import h5py
 
-from extractor.store import FeatureReader, FeatureStoreError, ImageFeatures, atomic_replace, temporary_sibling
+from extractor.fileio import atomic_write, file_sha256
+from extractor.store import FeatureReader, FeatureStoreError, ImageFeatures
 
 REUSE_VERSION = 1
 """Part of every key: raise it when decoding, the detector's maths or box selection change what the same
@@ -42,8 +42,7 @@ def extraction_key(attrs: Mapping[str, Any], dtype: str, device: str) -> dict[st
 def content_hash(path: str | os.PathLike) -> str | None:
     """sha256 of a file's bytes, None when it cannot be read (its decoding then fails and says why)."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_sha256(path)
     except OSError:
         return None
 
@@ -61,16 +60,9 @@ def sidecar_path(features: str | os.PathLike) -> Path:
 
 def write_sidecar(features: str | os.PathLike, key: Mapping[str, Any], hashes: Mapping[str, str]) -> None:
     """Write the index of `features` (img_id -> image sha256) atomically and durably."""
-    final = sidecar_path(features)
-    tmp = temporary_sibling(final)
-    try:
-        lines = [json.dumps({"key": dict(key)}, sort_keys=True)]
-        lines += [json.dumps([img_id, sha]) for img_id, sha in hashes.items()]
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        atomic_replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    lines = [json.dumps({"key": dict(key)}, sort_keys=True)]
+    lines += [json.dumps([img_id, sha]) for img_id, sha in hashes.items()]
+    atomic_write(sidecar_path(features), "".join(line + "\n" for line in lines))
 
 
 def read_sidecar(features: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]] | None:

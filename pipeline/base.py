@@ -2,14 +2,11 @@
 completion, one-runner locks and a check of every input path before any work starts."""
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +14,9 @@ import luigi
 import luigi.configuration
 from luigi.task import flatten
 
+from extractor.fileio import exclusive, writing
+from extractor.jsonstream import iter_jsonl, load_json, write_text_atomic
 from pipeline.fingerprint import Members, fingerprint
-from tasks.data.jsonstream import iter_jsonl, load_json, write_text_atomic
-from tasks.fileio import writing
 
 WORKDIR_ENV = "LXMERT_WORKDIR"
 
@@ -222,28 +219,6 @@ def _signature(task: luigi.Task) -> str:
         spec["inputs"] = contents
     blob = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-@contextmanager
-def exclusive(lock_path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock so two processes never build the same output at once; a second process waits
-    for the holder (saying who it is) instead of failing, and the kernel frees the lock if the holder dies."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            print(f"[lxmert] {what} is being built by pid {holder} (lock {lock_path}); waiting for it", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 class PipelineTask(luigi.Task):

@@ -7,6 +7,7 @@ from typing import Any
 
 import luigi
 
+from extractor.jsonstream import write_json_atomic, write_text_atomic
 from pipeline.base import (
     InputPathListParameter,
     InputPathParameter,
@@ -24,7 +25,6 @@ from tasks.data.answers import (
     default_pretrain_table,
     default_vqa_table,
 )
-from tasks.data.jsonstream import write_json_atomic, write_text_atomic
 from tasks.data.preprocess import (
     build_gqa_task,
     build_nlvr2_task,

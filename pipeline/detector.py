@@ -8,11 +8,12 @@ from typing import Any
 import luigi
 
 from extractor.detector.config import DetectorConfig
-from extractor.detector.train import demo_detector_config, save_config_yaml, train_detector
+from extractor.detector.train import train_detector
 from pipeline.base import InputPathParameter
 from pipeline.data import RawDataTask
 from tasks.data.readers import read_img_id_list
 from tasks.demo import read_manifest
+from tasks.demo.detector import demo_detector_config
 
 
 def detector_config_problems(task: luigi.Task) -> list[str]:
@@ -72,10 +73,9 @@ class TrainDetector(RawDataTask):
             attributes, val_ids = self.attributes or None, self.val_ids or None
         ids = read_img_id_list(val_ids, numbers_as=None) if val_ids else None
         result = train_detector(cfg, images=images, objects=objects, attributes=attributes,
-                                output=out / self.WEIGHTS, metrics=out / "metrics.json", val_ids=ids,
-                                epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                                device=self.device, num_workers=self.data_workers, progress=False)
-        save_config_yaml(cfg, out / self.CONFIG)
+                                output=out / self.WEIGHTS, metrics=out / "metrics.json", config_file=out / self.CONFIG,
+                                val_ids=ids, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                                seed=self.seed, device=self.device, num_workers=self.data_workers, progress=False)
         print(f"TrainDetector: mAP@0.5 {result['map50']} on {result['val_images']} val images "
               f"in {result['seconds']} s", flush=True)
 

@@ -10,13 +10,13 @@ import luigi
 
 from extractor.extract import extract_features
 from extractor.images import DEFAULT_MAX_PIXELS, list_images
+from extractor.jsonstream import write_text_atomic
 from extractor.reuse import merge_sidecars, sidecar_path
 from extractor.store import failures_path, merge, validate
-from extractor.tsv import import_tsv
+from extractor.store.tsv import import_tsv
 from pipeline.base import InputPathParameter, PipelineTask, param_problems, paths_of, workdir
 from pipeline.data import GenerateDemoWorld
 from pipeline.detector import TrainDetector, detector_config_problems
-from tasks.data.jsonstream import write_text_atomic
 
 FEATURES = "features.h5"
 

@@ -12,14 +12,14 @@ from luigi.task import flatten
 
 from extractor.detector.labels import attribute_names, object_names
 from extractor.draw import draw_boxes
+from extractor.fileio import atomic_write
 from extractor.images import image_id, list_images, load_image
+from extractor.jsonstream import load_json, write_json_atomic
 from extractor.store import FeatureReader
 from pipeline.base import PipelineTask
 from pipeline.detector import TrainDetector
 from pipeline.features import ExtractFeatures, ValidateFeatures
 from pipeline.training import EvaluateGQA, EvaluateNLVR2, EvaluateVQA, PretrainLXMERT
-from tasks.data.jsonstream import load_json, write_json_atomic
-from tasks.fileio import atomic_write
 from tasks.report import summarize, write_report
 
 EVALUATIONS = {"vqa": EvaluateVQA, "gqa": EvaluateGQA, "nlvr2": EvaluateNLVR2}

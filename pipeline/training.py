@@ -12,6 +12,7 @@ from typing import Any
 
 import luigi
 
+from extractor.jsonstream import load_json, write_json_atomic, write_text_atomic
 from extractor.store import FeatureReader, FeatureStoreError
 from model.checkpoint import locate
 from model.config import ConfigError, LxmertConfig
@@ -28,7 +29,6 @@ from pipeline.data import (
 from pipeline.features import ExtractFeatures
 from tasks import finetune, pretrain
 from tasks.baselines import majority_predictions
-from tasks.data.jsonstream import load_json, write_json_atomic, write_text_atomic
 from tasks.evaluate import evaluate_gqa, evaluate_nlvr2, evaluate_vqa
 from tasks.finetune import FinetuneConfig, write_submission
 from tasks.pretrain import PretrainConfig

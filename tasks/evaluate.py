@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tasks.data.jsonstream import DataFormatError
+from extractor.jsonstream import DataFormatError
 from tasks.data.readers import (
     read_gqa_choices,
     read_gqa_questions,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from extractor.jsonstream import write_json_atomic
 from extractor.store import FeatureReader
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
@@ -35,7 +36,6 @@ from tasks.data.answers import (
     head_init_mapping,
 )
 from tasks.data.features import locate_images, open_stores, read_image
-from tasks.data.jsonstream import write_json_atomic
 from tasks.data.readers import (
     NLVR2Example,
     load_gqa_task,

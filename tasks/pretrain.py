@@ -26,12 +26,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from extractor.jsonstream import DataFormatError, iter_array, write_json_atomic
 from extractor.store import FeatureReader, ImageFeatures
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
 from tasks.data.answers import AnswerTable, convert_label, default_pretrain_table
 from tasks.data.features import locate_images, open_stores, read_image
-from tasks.data.jsonstream import DataFormatError, iter_array, write_json_atomic
 from tasks.data.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
 from tasks.training.loop import (
     DistEnv,

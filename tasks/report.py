@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.data.jsonstream import write_json_atomic, write_text_atomic
+from extractor.jsonstream import write_json_atomic, write_text_atomic
 
 TASKS = ("vqa", "gqa", "nlvr2")
 TITLES = {"vqa": "VQA v2 (accuracy, official)", "gqa": "GQA (accuracy, official)",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data.jsonstream import DataFormatError
+from extractor.jsonstream import DataFormatError
 from tasks.data.readers import nlvr2_group, read_nlvr2
 from tasks.metrics import (
     PredictionError,

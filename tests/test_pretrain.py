@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from extractor.jsonstream import DataFormatError
 from extractor.store import FeatureReader
 from tasks.data.answers import AnswerTable, default_pretrain_table
-from tasks.data.jsonstream import DataFormatError
 from tasks.data.tokenization import load_tokenizer
 from tasks.demo.feature_world import write_world
 from tasks.pretrain import (

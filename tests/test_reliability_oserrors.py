@@ -20,10 +20,10 @@ from pipeline_helpers import feature_arrays
 from torch import nn
 
 from extractor.detector.weights import save_detectron2_weights
+from extractor.fileio import WriteError, append_text, atomic_directory, atomic_write, write_error
+from extractor.jsonstream import write_json_atomic
 from extractor.store import FeatureWriter, ImageFeatures, merge, remove_stale_parts
-from extractor.tsv import export_tsv
-from tasks.data.jsonstream import write_json_atomic
-from tasks.fileio import WriteError, append_text, atomic_directory, atomic_write, write_error
+from extractor.store.tsv import export_tsv
 from tasks.training.loop import list_checkpoints, load_latest_checkpoint, save_checkpoint
 
 N, FLUSH = 23, 5
@@ -402,9 +402,8 @@ def test_safetensors_export_names_the_file(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- detector weights, detector files, demo world
 
 def test_detector_weights_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
-    from extractor.detector.config import DetectorConfig
+    from extractor.detector.config import DetectorConfig, save_config_yaml
     from extractor.detector.model import VGDetector
-    from extractor.detector.train import save_config_yaml
 
     torch.manual_seed(0)
     model = VGDetector(DetectorConfig.load("tiny"))

@@ -2,19 +2,24 @@
 
 Users of py-bottom-up-attention bring YAML files written for Detectron2; we read the keys that
 describe the test-time model, accept training-only keys without effect, refuse values of keys
-we do not implement, and reject unknown keys by name, so a typo never passes silently.
+we do not implement, and reject unknown keys by name, so a typo never passes silently. Label
+files a YAML names by relative path are found beside it, so a folder holding weights, their
+config and its label files (what ``save_config_yaml`` writes) can be moved as one.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from extractor.fileio import atomic_write, writing
 
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 POOLER_TYPES = ("ROIPool", "ROIAlign", "ROIAlignV2")
@@ -364,3 +369,57 @@ def _load_yaml(path: Path, seen: tuple[Path, ...]) -> DetectorConfig:
         return cfg.replace(**changes)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------- writing YAML
+
+# Keys that also set a field but say less (DEPTH implies standard blocks) or are the older spelling.
+_YAML_ALIASES = frozenset({"MODEL.RESNETS.DEPTH", "MODEL.ROI_BOX_HEAD.ATTR", "MODEL.ROI_BOX_HEAD.NUM_ATTRS"})
+_LABEL_FIELDS = ("object_labels", "attribute_labels")
+
+
+def _label_copies(cfg: DetectorConfig, folder: Path) -> dict[str, tuple[Path, Path]]:
+    """{label field: (its file, the copy beside the YAML)}; refuses a name another label file already holds."""
+    copies: dict[str, tuple[Path, Path]] = {}
+    for name in _LABEL_FIELDS:
+        if getattr(cfg, name) is None:
+            continue
+        src = Path(getattr(cfg, name))
+        dst = folder / src.name
+        held = next((s for s, d in copies.values() if d == dst), dst if dst.exists() else None)
+        if held is not None and held.read_bytes() != src.read_bytes():
+            raise ConfigError(f"cannot copy the label file {src} to {dst}: that name holds other labels; "
+                              "save the config in a folder of its own")
+        copies[name] = (src, dst)
+    return copies
+
+
+def save_config_yaml(cfg: DetectorConfig, path: str | os.PathLike) -> Path:
+    """Write cfg as a Detectron2-style YAML that ``DetectorConfig.load`` reads back, its label files copied
+    beside it and named by relative path, so weights, config and labels travel as one folder."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    copies = _label_copies(cfg, path.parent)
+    keys: dict[str, str] = {}
+    for key, (field, _) in _MAPPED.items():
+        if key not in _YAML_ALIASES:
+            keys.setdefault(field, key)
+    tree: dict[str, Any] = {}
+    for field, value in cfg.to_dict().items():
+        if value is None:
+            continue
+        if field in ("anchor_sizes", "anchor_ratios"):
+            value = [value]  # Detectron2 writes one list per feature level
+        if field in copies:
+            value = copies[field][1].name
+        node = tree
+        *parents, leaf = keys[field].split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    for src, dst in copies.values():
+        if not dst.exists():
+            atomic_write(dst, src.read_bytes())
+    atomic_write(path, yaml.safe_dump(tree, sort_keys=True))
+    return path

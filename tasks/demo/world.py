@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from extractor.fileio import atomic_directory, write_file, writing
 from tasks.data.tokenization import sub_vocabulary
 from tasks.demo.language import (
     COLOR_NAMES,
@@ -37,7 +38,6 @@ from tasks.demo.language import (
     vqa_questions,
 )
 from tasks.demo.scene import SHAPES, SIZES, Scene, Theme, render, sample_scene, sample_theme
-from tasks.fileio import atomic_directory, write_file, writing
 
 FORMAT = "lxmert-demo-world"
 VERSION = 1

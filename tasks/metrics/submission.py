@@ -5,7 +5,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from tasks.data.jsonstream import DataFormatError, iter_array, write_json_atomic, write_text_atomic
+from extractor.jsonstream import DataFormatError, iter_array, write_json_atomic, write_text_atomic
 
 PathLike = str | os.PathLike[str]
 

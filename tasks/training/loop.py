@@ -35,8 +35,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
+from extractor.fileio import (
+    FdWriter,
+    append_text,
+    atomic_directory,
+    atomic_output,
+    atomic_write,
+    file_sha256,
+    remove_quietly,
+    writing,
+)
 from model.checkpoint import load_torch
-from tasks.fileio import FdWriter, append_text, atomic_directory, atomic_output, atomic_write, remove_quietly, writing
 from tasks.training.optim import OPTIMIZERS, build_optimizer, warmup_linear_schedule
 
 CHECKPOINT_FORMAT = 1
@@ -211,14 +220,6 @@ class _HashingWriter:
         self.f.flush()
 
 
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def checkpoint_path(directory: Path, step: int) -> Path:
     """The file holding the checkpoint taken after optimiser step `step`."""
     return directory / f"step-{step:08d}.pt"
@@ -267,7 +268,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     if size != manifest["bytes"]:
         raise ValueError(f"{path}: {size} bytes on disk, manifest says {manifest['bytes']}")
-    if _file_sha256(path) != manifest["sha256"]:
+    if file_sha256(path) != manifest["sha256"]:
         raise ValueError(f"{path}: sha256 differs from its manifest")
     state = load_torch(path)
     missing = {"model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch"} - set(state)

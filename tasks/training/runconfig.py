@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tasks.data.jsonstream import write_text_atomic
+from extractor.jsonstream import write_text_atomic
 
 T = TypeVar("T")
 
