@@ -50,7 +50,8 @@ from tasks.pretrain import (
     model_inputs,
     targets,
 )
-from tasks.training.loop import StepContext, StepOutput, TrainConfig, autocast, resolve_device, to_device, train
+from tasks.training.distributed import resolve_device
+from tasks.training.loop import StepContext, StepOutput, TrainConfig, autocast, to_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES_PER_IMAGE = 4  # tasks.demo.feature_world: two captions and two questions per image

@@ -56,17 +56,14 @@ from tasks.metrics import (
     write_vqa_submission,
 )
 from tasks.pretrain import pretrain_table
+from tasks.training.distributed import DistEnv, cleanup_distributed, gather_objects, init_distributed
 from tasks.training.loop import (
-    DistEnv,
     StepContext,
     StepFn,
     StepOutput,
     TrainConfig,
     autocast,
-    cleanup_distributed,
     epoch_generator,
-    gather_objects,
-    init_distributed,
     to_device,
     train,
 )

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -33,16 +32,14 @@ from tasks.data.answers import AnswerTable, convert_label, default_pretrain_tabl
 from tasks.data.features import locate_images, open_stores, read_image
 from tasks.data.jsonstream import DataFormatError, iter_array, write_json_atomic
 from tasks.data.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
+from tasks.training.distributed import DistEnv, all_reduce_sum, cleanup_distributed, init_distributed
 from tasks.training.loop import (
-    DistEnv,
     StepContext,
     StepFn,
     StepOutput,
     TrainConfig,
     autocast,
-    cleanup_distributed,
     epoch_generator,
-    init_distributed,
     to_device,
     train,
 )
@@ -498,9 +495,7 @@ def evaluate(model: nn.Module, dataset: PretrainDataset, indices: Sequence[int],
                 hit = scores[answers == pred]
                 sums[-1] += float(hit[0]) if len(hit) else 0.0
                 counts[-1] += 1
-    if env.world_size > 1:
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
+    all_reduce_sum(env, sums, counts)
     return {f"valid_{k}": float(sums[i] / counts[i]) for i, k in enumerate(names) if counts[i] > 0}
 
 

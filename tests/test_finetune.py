@@ -16,7 +16,8 @@ from tasks.demo.feature_world import write_world
 from tasks.finetune import FinetuneConfig, NLVR2Dataset, build_model, collate_task, qa_loss, run
 from tasks.metrics import read_nlvr2_predictions, read_vqa_predictions
 from tasks.pretrain import PretrainConfig, model_config
-from tasks.training.loop import TrainConfig, save_checkpoint
+from tasks.training.checkpoints import save_checkpoint
+from tasks.training.loop import TrainConfig
 from tasks.training.weights import read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -120,7 +120,7 @@ def export_with_vocab(tokens: list[str]) -> Callable[[nn.Module, Path], None]:
     """The training loop's export_fn that also saves the tokenizer's vocab.txt beside the weights,
     so whatever later loads them (fine-tuning, evaluation) tokenizes as training did."""
     from tasks.data.tokenization import save_vocabulary
-    from tasks.training.loop import export_model
+    from tasks.training.checkpoints import export_model
 
     def export(model: nn.Module, directory: Path) -> None:
         export_model(model, directory)
