@@ -1,13 +1,20 @@
-"""This process's place in a torchrun job: device, rank, process group, and the collective helpers
-the loop and the evaluations share (NCCL on GPU, gloo on CPU; one process needs no group)."""
+"""This process's place in a torchrun job: device, rank, process group, the collective helpers the
+loop and the evaluations share (NCCL on GPU, gloo on CPU; one process needs no group), and the body
+of the `python -m` training commands that join and leave the job."""
 from __future__ import annotations
 
+import json
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from model.checkpoint import CheckpointError
+from model.config import ConfigError
 
 
 @dataclass
@@ -84,3 +91,21 @@ def all_finite(env: DistEnv, loss: torch.Tensor) -> bool:
     if env.world_size > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def run_command(cfg: Any, run: Callable[[Any, DistEnv], dict[str, Any]],
+                summary: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """The body of a `python -m` training command, alone or under torchrun: join the job, run `cfg`,
+    print the summary of its metrics on rank 0, leave the job. Weights or sizes that do not fit exit 2
+    with one line, no traceback."""
+    try:
+        env = init_distributed(cfg.train.device)
+        metrics = run(cfg, env)
+        if env.is_main:
+            print(json.dumps(summary(metrics), indent=1, default=str))
+    except (CheckpointError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed()
+    return 0
