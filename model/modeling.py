@@ -89,7 +89,6 @@ def mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return total / valid.sum().clamp(min=1)
 
 
-
 # ----------------------------------------------------------------------------- models
 
 

@@ -7,25 +7,16 @@ Field types: int, float and str (a ChoiceParameter when choices are given); an o
 """
 from __future__ import annotations
 
-import types
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 import luigi
 
+from tasks.training.runconfig import unwrap_optional
+
 TaskClass = TypeVar("TaskClass", bound=type)
 UNSET = -1.0  # an optional number's "not given"
-
-
-def _optional(tp: Any) -> tuple[Any, bool]:
-    """(the type inside `X | None`, True), or (tp, False)."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1:
-            return rest[0], True
-    return tp, False
 
 
 def parameter(tp: Any, default: Any, *, significant: bool = True, choices: Sequence[str] | None = None,
@@ -34,7 +25,7 @@ def parameter(tp: Any, default: Any, *, significant: bool = True, choices: Seque
     kwargs: dict[str, Any] = {"significant": significant}
     if description:
         kwargs["description"] = description
-    base, optional = _optional(tp)
+    base, optional = unwrap_optional(tp)
     if optional and base is not float:
         raise TypeError(f"no Luigi parameter for an optional {base}")
     if base is int:
@@ -73,5 +64,5 @@ def config_values(task: luigi.Task, config_type: type, names: Sequence[str]) -> 
     values = {}
     for name in names:
         value = getattr(task, name)
-        values[name] = None if _optional(hints[name])[1] and value < 0 else value
+        values[name] = None if unwrap_optional(hints[name])[1] and value < 0 else value
     return values

@@ -31,7 +31,7 @@ from tasks.data.features import open_stores
 from tasks.data.jsonstream import write_json_atomic
 from tasks.data.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
 from tasks.pretrain import pretrain_table
-from tasks.training.distributed import DistEnv, gather_objects, init_distributed, run_command
+from tasks.training.distributed import DistEnv, gather_objects, run_command, start_run
 from tasks.training.loop import (
     StepContext,
     StepFn,
@@ -42,7 +42,7 @@ from tasks.training.loop import (
     to_device,
     train,
 )
-from tasks.training.runconfig import parse_config, save_json
+from tasks.training.runconfig import parse_config
 from tasks.training.weights import export_with_vocab, fit_vocab, load_weights, network_config, read_init, weights_file
 
 log = logging.getLogger(__name__)
@@ -204,13 +204,7 @@ def _flat(metrics: dict[str, Any]) -> dict[str, float]:
 def run(cfg: FinetuneConfig, env: DistEnv | None = None) -> dict[str, Any]:
     """Fine-tune (unless eval_only), then predict valid and test files with the best model; writes
     submissions and metrics.json under cfg.train.output_dir and returns the metrics (every rank)."""
-    cfg.validate()
-    env = env or init_distributed(cfg.train.device)
-    out = Path(cfg.train.output_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, out / "config.json")
-    torch.manual_seed(cfg.train.seed)
+    env, out = start_run(cfg, env)
     job = _Job(cfg, env, out)
     metrics: dict[str, Any] = {"task": cfg.task}
     if not cfg.eval_only:

@@ -29,7 +29,7 @@ from tasks.data.batches import IGNORE, model_inputs, pad
 from tasks.data.features import locate_images, open_stores, read_image
 from tasks.data.jsonstream import DataFormatError, iter_array, write_json_atomic
 from tasks.data.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
-from tasks.training.distributed import DistEnv, all_reduce_sum, init_distributed, run_command
+from tasks.training.distributed import DistEnv, all_reduce_sum, run_command, start_run
 from tasks.training.loop import (
     StepContext,
     StepFn,
@@ -40,7 +40,7 @@ from tasks.training.loop import (
     to_device,
     train,
 )
-from tasks.training.runconfig import parse_config, save_json
+from tasks.training.runconfig import parse_config
 from tasks.training.weights import export_with_vocab, fit_vocab, load_weights, network_config, read_init
 
 SOURCES = ("mscoco", "vg", "vqa", "gqa", "visual7w")
@@ -487,13 +487,7 @@ def valid_evaluation(cfg: PretrainConfig, stores: Sequence[FeatureReader], token
 def run(cfg: PretrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
     """Pretrain as `cfg` says; writes the run's outputs under cfg.train.output_dir and returns
     the metrics also written to metrics.json (rank 0)."""
-    cfg.validate()
-    env = env or init_distributed(cfg.train.device)
-    out = Path(cfg.train.output_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, out / "config.json")
-    torch.manual_seed(cfg.train.seed)
+    env, out = start_run(cfg, env)
     table = pretrain_table(cfg.answers, cfg.qa_sets)
     if env.is_main:
         table.save_pretrain(out / "answers.json")  # the QA head's rows, for fine-tuning

@@ -10,7 +10,7 @@ from typing import Any
 
 from tasks.benchmarks.base import DuplicateIdError, PredictionError, against, check_coverage, existing, read_records
 from tasks.benchmarks.qa import QABenchmark
-from tasks.data.answers import AnswerTable, default_gqa_table
+from tasks.data.answers import default_gqa_table
 from tasks.data.jsonstream import DataFormatError, write_json_atomic
 from tasks.data.readers import GQAChoices, GQAQuestion, load_gqa_task, read_gqa_choices, read_gqa_questions
 
@@ -179,12 +179,9 @@ class GQABenchmark(QABenchmark):
     metric_help = "GQA accuracy, binary/open, distribution, validity, plausibility, consistency"
     annotation_file = "questions"
     lr = 1e-5
-
-    def load_task(self, path: str | Path) -> list[dict]:
-        return load_gqa_task(path)
-
-    def default_table(self) -> AnswerTable:
-        return default_gqa_table()
+    load_task = staticmethod(load_gqa_task)
+    default_table = staticmethod(default_gqa_table)
+    submission_writer = staticmethod(write_gqa_submission)
 
     def official_score(self, labels: Mapping[Any, Any], preds: Mapping[Any, Any], annotations: str,
                        choices: str | None) -> dict[str, Any]:
@@ -208,11 +205,6 @@ class GQABenchmark(QABenchmark):
                             help="questions json (balanced or all; a folder of chunk files is read in order)")
         parser.add_argument("--predictions", type=Path, required=True, help="[{questionId, prediction}] json")
         parser.add_argument("--choices", type=Path, help="*_choices.json for validity and plausibility")
-
-    def write_submission(self, path: str | Path, predictions: Mapping[Any, Any]) -> Path:
-        write_gqa_submission(path, predictions)
-        return Path(path)
-
 
 
 GQA = GQABenchmark()

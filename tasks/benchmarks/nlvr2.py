@@ -119,10 +119,9 @@ class NLVR2Benchmark(Benchmark):
     head_prefix = "logit_fc."
     submission_suffix = ".csv"
     lr = 5e-5
+    load_task = staticmethod(load_nlvr2_task)
+    submission_writer = staticmethod(write_nlvr2_submission)
     model_class = LxmertForNLVR2
-
-    def load_task(self, path: str | Path) -> list[dict]:
-        return load_nlvr2_task(path)
 
     def dataset(self, entries: list[dict], stores: Sequence[Any], tokenizer: Any, table: AnswerTable | None,
                 max_seq_length: int, max_boxes: int) -> NLVR2Dataset:
@@ -153,11 +152,6 @@ class NLVR2Benchmark(Benchmark):
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--data", type=Path, required=True, help="the split's JSON-lines file")
         parser.add_argument("--predictions", type=Path, required=True, help="CSV of identifier,True|False")
-
-    def write_submission(self, path: str | Path, predictions: Mapping[Any, Any]) -> Path:
-        write_nlvr2_submission(path, predictions)
-        return Path(path)
-
 
     def training_answers(self, train: list[dict]) -> list[Any]:
         """Each labelled pair's label."""

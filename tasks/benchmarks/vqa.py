@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from tasks.benchmarks.base import PredictionError, against, check_coverage, existing, read_records
 from tasks.benchmarks.qa import QABenchmark
-from tasks.data.answers import AnswerTable, default_vqa_table, normalize_answer, process_punctuation
+from tasks.data.answers import default_vqa_table, normalize_answer, process_punctuation
 from tasks.data.jsonstream import DataFormatError, write_json_atomic
 from tasks.data.readers import VQAAnnotation, load_vqa_task, read_vqa_annotations, read_vqa_questions
 
@@ -121,12 +121,9 @@ class VQABenchmark(QABenchmark):
     metric_help = "VQA v2 accuracy (overall, per answer type, per question type)"
     annotation_file = "annotations"
     lr = 5e-5
-
-    def load_task(self, path: str | Path) -> list[dict]:
-        return load_vqa_task(path)
-
-    def default_table(self) -> AnswerTable:
-        return default_vqa_table()
+    load_task = staticmethod(load_vqa_task)
+    default_table = staticmethod(default_vqa_table)
+    submission_writer = staticmethod(write_vqa_submission)
 
     def official_score(self, labels: Mapping[Any, Any], preds: Mapping[Any, Any], annotations: str,
                        choices: str | None) -> dict[str, Any]:
@@ -159,11 +156,6 @@ class VQABenchmark(QABenchmark):
         parser.add_argument("--predictions", type=Path, required=True, help="results json [{question_id, answer}]")
         parser.add_argument("--rules", choices=("current", "legacy"), default="current",
                             help="official normalisation rules: current (default) or the earlier legacy ones")
-
-    def write_submission(self, path: str | Path, predictions: Mapping[Any, Any]) -> Path:
-        write_vqa_submission(path, predictions)
-        return Path(path)
-
 
 
 VQA = VQABenchmark()

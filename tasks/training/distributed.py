@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
+from tasks.training.runconfig import save_json
 
 
 @dataclass
@@ -91,6 +93,19 @@ def all_finite(env: DistEnv, loss: torch.Tensor) -> bool:
     if env.world_size > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def start_run(cfg: Any, env: DistEnv | None = None) -> tuple[DistEnv, Path]:
+    """What a training run does first: check `cfg`, join the job, write the config beside the run's
+    outputs (rank 0, so the run can be repeated) and seed torch; returns the job and the output folder."""
+    cfg.validate()
+    env = env or init_distributed(cfg.train.device)
+    out = Path(cfg.train.output_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(cfg, out / "config.json")
+    torch.manual_seed(cfg.train.seed)
+    return env, out
 
 
 def run_command(cfg: Any, run: Callable[[Any, DistEnv], dict[str, Any]],
