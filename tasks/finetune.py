@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 class FinetuneConfig:
     """Everything `python -m tasks.finetune <task>` needs; `train` holds the loop's settings."""
 
-    task: str = "vqa"                                     # a benchmark: vqa | gqa | nlvr2
+    task: str = VQA.name                                  # a benchmark: vqa | gqa | nlvr2
     train_files: list[str] = field(default_factory=list)  # task files to train on (LXMERT's json)
     valid_files: list[str] = field(default_factory=list)  # evaluated after every epoch and at the end
     test_files: list[str] = field(default_factory=list)   # predicted at the end (submission files)
@@ -112,11 +112,6 @@ def make_step(cfg: FinetuneConfig) -> StepFn:
     def step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> StepOutput:
         return StepOutput(cfg.benchmark.loss(model, batch, cfg.loss))
     return step
-
-
-def answer_table(cfg: FinetuneConfig) -> AnswerTable | None:
-    """The answer table of the QA head (None for NLVR2)."""
-    return cfg.benchmark.answer_table(cfg.answers)
 
 
 def build_model(cfg: FinetuneConfig, feature_dim: int, table: AnswerTable | None,
@@ -223,7 +218,7 @@ class _Job:
         self.cfg, self.env, self.out, self.benchmark = cfg, env, out, cfg.benchmark
         self.stores = open_stores(cfg.features)
         self.tokenizer = load_tokenizer(cfg.vocab or vocab_beside(cfg.init_from))
-        self.table = answer_table(cfg)
+        self.table = self.benchmark.answer_table(cfg.answers)
         self.model = build_model(cfg, self.stores[0].feature_dim, self.table, len(self.tokenizer.vocab))
         self.valid = self.split(cfg.valid_files) if cfg.valid_files else None
 
