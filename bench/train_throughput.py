@@ -36,21 +36,21 @@ import torch
 from torch import nn
 
 from tasks.data.answers import default_pretrain_table
+from tasks.data.batches import model_inputs
 from tasks.data.features import open_stores
 from tasks.data.tokenization import load_tokenizer
 from tasks.pretrain import (
-    LOSS_NAMES,
-    MaskingConfig,
+    OBJECTIVES,
     PretrainConfig,
     PretrainCorpus,
     PretrainDataset,
     collate_pretrain,
     make_step,
     model_config,
-    model_inputs,
     targets,
 )
-from tasks.training.loop import StepContext, StepOutput, TrainConfig, autocast, resolve_device, to_device, train
+from tasks.training.distributed import resolve_device
+from tasks.training.loop import StepContext, StepOutput, TrainConfig, autocast, to_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES_PER_IMAGE = 4  # tasks.demo.feature_world: two captions and two questions per image
@@ -121,7 +121,7 @@ def dataset(cfg: PretrainConfig) -> tuple[PretrainDataset, Any]:
     stores = open_stores(cfg.features)
     table = default_pretrain_table()
     corpus = PretrainCorpus(cfg.corpus, stores, table)
-    data = PretrainDataset(corpus, stores, load_tokenizer(), MaskingConfig(), cfg.train.seed)
+    data = PretrainDataset(corpus, stores, load_tokenizer(), cfg, cfg.train.seed)
     return data, model_config(cfg, stores[0].feature_dim, len(table))
 
 
@@ -143,7 +143,7 @@ def run_ours(args: argparse.Namespace) -> dict:
             return step(model, batch, ctx)
 
         train(LxmertForPreTraining(config), data, cfg.train, collate_fn=collate_pretrain, step_fn=timed,
-              loss_names=LOSS_NAMES, export_fn=lambda model, directory: None)
+              loss_names=OBJECTIVES, export_fn=lambda model, directory: None)
     return clock.result(args)
 
 

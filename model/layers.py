@@ -34,6 +34,24 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+_FAST_CPU_DROPOUT = True
+
+
+def set_fast_cpu_dropout(enabled: bool) -> bool:
+    """Switch the CPU speed path of every dropout (16-bit keep-masks, below) on or off; returns the
+    previous setting. On, the default, a small model's CPU training step is 10-20% faster; off, dropout
+    and attention use torch's native kernels on CPU too, which draw other masks from the same seed."""
+    global _FAST_CPU_DROPOUT
+    previous, _FAST_CPU_DROPOUT = _FAST_CPU_DROPOUT, bool(enabled)
+    return previous
+
+
+def _fast_cpu_path(x: Tensor) -> bool:
+    """Whether dropout on `x` takes the 16-bit CPU path: switched on, on CPU, eager (torch.compile
+    understands only the native kernel)."""
+    return _FAST_CPU_DROPOUT and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _cpu_keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
     """A Bernoulli(1 - p) keep-mask for `x` from 16-bit uniform draws, four per 64-bit draw of the
     CPU generator, and the scale that keeps E[output] = x.
@@ -51,11 +69,11 @@ def _cpu_keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout: the native fused kernel, or on CPU the 16-bit keep-mask above (eager only;
-    under torch.compile the native kernel, which the compiler understands)."""
+    """Inverted dropout: the native fused kernel, or on the CPU speed path (`set_fast_cpu_dropout`)
+    the 16-bit keep-mask above."""
     if not training or p == 0:
         return x
-    if x.device.type != "cpu" or p >= 1 or torch.compiler.is_compiling():
+    if p >= 1 or not _fast_cpu_path(x):
         return torch.native_dropout(x, p, True)[0]
     keep, scale = _cpu_keep_mask(x, p)
     return x * (keep * scale).to(x.dtype)
@@ -134,7 +152,7 @@ class Attention(nn.Module):
         k = self.split_heads(self.key(context))
         v = self.split_heads(self.value(context))
         p = self.dropout_p if self.training else 0.0
-        if p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        if p > 0 and _fast_cpu_path(q):
             # SDPA's CPU path draws its dropout mask one generator call per element; the same math
             # with the faster mask of `dropout`
             scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5

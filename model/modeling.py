@@ -46,13 +46,15 @@ class LxmertModelOutput:
 class LxmertForPreTrainingOutput:
     """Pretraining scores and losses.
 
-    With `labels`, `prediction_logits` holds only the labelled positions, in the row-major order of
-    `labels >= 0`; with `ans`, `question_answering_score` holds only the rows where `ans >= 0`.
-    `losses` has one entry per objective computed: mlm, matched, obj, attr, feat, qa.
+    Without `labels`, `prediction_logits` holds every position (B, L, vocab), as transformers; with
+    `labels` it is None and `masked_lm_logits` holds only the labelled positions (n, vocab), in the
+    row-major order of `labels >= 0`. With `ans`, `question_answering_score` holds only the rows where
+    `ans >= 0`. `losses` has one entry per objective computed: mlm, matched, obj, attr, feat, qa.
     """
 
     loss: Tensor | None = None
     prediction_logits: Tensor | None = None
+    masked_lm_logits: Tensor | None = None
     cross_relationship_score: Tensor | None = None
     question_answering_score: Tensor | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
@@ -85,7 +87,6 @@ def mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
         logits.reshape(-1, logits.shape[-1]).float(), target.masked_fill(~valid, -100), reduction="sum"
     )
     return total / valid.sum().clamp(min=1)
-
 
 
 # ----------------------------------------------------------------------------- models
@@ -233,13 +234,14 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         pooled = out.pooled_output
         losses: dict[str, Tensor] = {}
 
+        word_logits = masked_logits = None
         if labels is None:
             word_logits = self.cls.predictions(out.language_output)
         else:
             picked = labels >= 0
-            word_logits = self.cls.predictions(out.language_output[picked])
+            masked_logits = self.cls.predictions(out.language_output[picked])
             if cfg.task_mask_lm:
-                losses["mlm"] = mean_cross_entropy(word_logits, labels[picked])
+                losses["mlm"] = mean_cross_entropy(masked_logits, labels[picked])
 
         match_logits = self.cls.seq_relationship(pooled)
         if matched_label is not None and cfg.task_matched:
@@ -261,6 +263,7 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         return LxmertForPreTrainingOutput(
             loss=sum(losses.values(), pooled.new_zeros((), dtype=torch.float32)) if given else None,
             prediction_logits=word_logits,
+            masked_lm_logits=masked_logits,
             cross_relationship_score=match_logits,
             question_answering_score=answer_logits,
             losses=losses,

@@ -26,7 +26,7 @@ from pipeline.detector import TrainDetector
 from pipeline.features import ExtractFeatures, ValidateFeatures
 from pipeline.training import FinetuneVQA, PretrainLXMERT
 from tasks.demo.feature_world import write_world
-from tasks.training.loop import CheckpointWarning, load_latest_checkpoint, save_checkpoint
+from tasks.training.checkpoints import CheckpointWarning, load_latest_checkpoint, save_checkpoint
 from tasks.training.weights import read_checkpoint
 
 
