@@ -16,16 +16,9 @@ from extractor.store import FeatureReader, FeatureStoreError
 from model.checkpoint import locate
 from model.config import ConfigError, LxmertConfig
 from pipeline.base import InputPathListParameter, InputPathParameter, PipelineTask, json_check, param_problems
-from pipeline.data import (
-    BuildGQAData,
-    BuildNLVR2Data,
-    BuildPretrainCorpus,
-    BuildVQAData,
-    GenerateDemoWorld,
-    TaskData,
-    world_vocab,
-)
+from pipeline.data import BuildGQAData, BuildNLVR2Data, BuildPretrainCorpus, BuildVQAData, TaskData
 from pipeline.features import ExtractFeatures
+from pipeline.sources import SourcedTask
 from tasks import finetune, pretrain
 from tasks.baselines import majority_predictions
 from tasks.data.jsonstream import load_json, write_json_atomic, write_text_atomic
@@ -135,7 +128,7 @@ def _weights_problem(path: Path) -> str | None:
     return None
 
 
-class PretrainLXMERT(TrainingParams, PipelineTask):
+class PretrainLXMERT(TrainingParams, SourcedTask):
     """Cross-modality pretraining with the five objectives (MLM, matching, object labels, features, QA)."""
 
     features = InputPathListParameter(default=[], kind="file", optional=True,
@@ -156,26 +149,23 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
     max_seq_length = luigi.IntParameter(default=20)
     valid_examples = luigi.IntParameter(default=0)
     vocab = InputPathParameter(default="", kind="file", optional=True,
-                               description="WordPiece vocab.txt; empty: the demo world's own with the "
-                                           "demo corpus, else BERT uncased (30,522)")
+                               description="WordPiece vocab.txt; empty: the sources file's vocab when the corpus "
+                                           "is BuildPretrainCorpus', else BERT uncased (30,522)")
+
+    sourced = {"vocab": "vocab"}
+    given_by = ("corpus",)  # a corpus given comes with its own vocabulary, or BERT's
 
     def dependencies(self) -> Any:
-        deps: dict[str, Any] = {}
+        deps: dict[str, Any] = self.source_dependencies()
         if not self.features:
             deps["features"] = ExtractFeatures()
         if not self.corpus:
             deps["corpus"] = BuildPretrainCorpus()
-        if self.uses_world_vocab():
-            deps["world"] = GenerateDemoWorld()
         return deps
-
-    def uses_world_vocab(self) -> bool:
-        """No vocab given and the corpus is the demo world's: the world's own vocab.txt is used."""
-        return not self.vocab and not self.corpus and BuildPretrainCorpus().uses_demo()
 
     def input_problems(self) -> list[str]:
         """Objectives known; feature files readable; corpus and answer files parse; model and init usable."""
-        problems = []
+        problems = super().input_problems()
         unknown = sorted(set(self.objectives) - set(pretrain.OBJECTIVES))
         if unknown:
             problems.append(f"PretrainLXMERT: parameter 'objectives' has unknown {unknown}; "
@@ -199,12 +189,12 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
                              dropout=self.dropout if self.dropout >= 0 else None, answers=answers,
                              qa_from_epoch=self.qa_from_epoch, word_mask_rate=self.word_mask_rate,
                              obj_mask_rate=self.obj_mask_rate, max_seq_length=self.max_seq_length,
-                             vocab=self.vocab or world_vocab(self.input_dirs().get("world")), train=train,
+                             vocab=self.input_value("vocab") or None, train=train,
                              **{o: o in self.objectives for o in pretrain.OBJECTIVES})
         self.launch(pretrain, [], cfg, out)
 
 
-class FinetuneTask(TrainingParams, PipelineTask):
+class FinetuneTask(TrainingParams, SourcedTask):
     """Fine-tuning on one benchmark from pretrained weights ("pretrained"), none ("scratch") or a path."""
 
     task_name = ""
@@ -224,8 +214,11 @@ class FinetuneTask(TrainingParams, PipelineTask):
     loss = luigi.ChoiceParameter(choices=["bce", "ce"], default="bce")
     max_seq_length = luigi.IntParameter(default=20)
     vocab = InputPathParameter(default="", kind="file", optional=True,
-                               description="WordPiece vocab.txt; empty: the one saved with the initial "
-                                           "weights, from scratch PretrainLXMERT's choice, so the two compare")
+                               description="WordPiece vocab.txt; empty: the one saved with the initial weights, "
+                                           "from scratch the sources file's vocab (as PretrainLXMERT's), so the "
+                                           "two compare")
+
+    sourced = {"vocab": "vocab"}
 
     def dependencies(self) -> Any:
         deps: dict[str, Any] = {"data": self.data_task()}
@@ -233,17 +226,14 @@ class FinetuneTask(TrainingParams, PipelineTask):
             deps["features"] = ExtractFeatures()
         if self.init == "pretrained":
             deps["pretrain"] = PretrainLXMERT()
-        elif self.init == "scratch" and not self.vocab and PretrainLXMERT().uses_world_vocab():
-            deps["world"] = GenerateDemoWorld()
+        elif self.init == "scratch":
+            deps.update(self.source_dependencies())
         return deps
-
-    def scratch_vocab(self) -> str | None:
-        """From scratch, the vocabulary PretrainLXMERT would use (explicit, or the demo world's)."""
-        return PretrainLXMERT().vocab or world_vocab(self.input_dirs().get("world"))
 
     def input_problems(self) -> list[str]:
         """init is a choice or usable weights; feature files readable; model usable."""
-        problems = param_problems(self, "features", _feature_file_problem) + _model_problems(self)
+        problems = (super().input_problems() + param_problems(self, "features", _feature_file_problem)
+                    + _model_problems(self))
         if self.init in INIT_CHOICES:
             return problems
         if not Path(self.init).exists():
@@ -272,7 +262,7 @@ class FinetuneTask(TrainingParams, PipelineTask):
             loss=self.loss, dropout=self.dropout if self.dropout >= 0 else None,
             max_seq_length=self.max_seq_length, eval_only=eval_only, train=self.train_config(out),
             # otherwise the vocab.txt saved beside init_from's weights, or BERT's
-            vocab=self.vocab or (self.scratch_vocab() if init_from is None else None))
+            vocab=self.vocab or (self.input_value("vocab") or None if init_from is None else None))
 
     def build(self, out: Path) -> None:
         self.launch(finetune, [self.task_name], self.config(out), out)
