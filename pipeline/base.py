@@ -95,12 +95,13 @@ def _problems(task: luigi.Task) -> list[str]:
     return found
 
 
-_CHECKED: set[str] = set()
+_CHECKED: set[tuple[str, str]] = set()  # (task id, sources in use): a task's inputs follow the sources
 
 
 def check_inputs(root: luigi.Task) -> None:
     """Walk the whole graph under `root` and fail before any work if an input is missing or unreadable."""
-    if root.task_id in _CHECKED:
+    sources = settings.setting("sources")
+    if (root.task_id, sources) in _CHECKED:
         return
     seen: set[str] = set()
     problems: list[str] = settings.problems()
@@ -117,7 +118,7 @@ def check_inputs(root: luigi.Task) -> None:
             stack.extend(flatten(task.requires()))
     if problems:
         raise InputPathError("inputs missing or unreadable, nothing was run:\n  " + "\n  ".join(_merged(problems)))
-    _CHECKED.update(seen)
+    _CHECKED.update((task_id, sources) for task_id in seen)
 
 
 def _merged(problems: list[str]) -> list[str]:
