@@ -25,8 +25,8 @@ from tasks.demo import (
 )
 from tasks.demo import world as world_module
 from tasks.demo.__main__ import main as cli_main
-from tasks.demo.detector import DETECTOR_CONFIG
 from tasks.demo.scene import PLURALS, nearest_color
+from tasks.demo.sources import DETECTOR_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]

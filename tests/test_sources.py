@@ -17,11 +17,11 @@ import yaml
 from pipeline_helpers import REPO, run_luigi, write_config
 
 from extractor.detector.config import DetectorConfig
-from extractor.detector.train import demo_detector_config
 from pipeline import tasks as pt
 from pipeline.sources import known_keys
 from tasks.demo import PRESETS, SOURCES, SOURCES_FILE, generate_world, world_path
-from tasks.demo.detector import DETECTOR_CONFIG
+from tasks.demo.detector import demo_detector_config
+from tasks.demo.sources import DETECTOR_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_demo_sources_file_names_existing_world_files_and_the_demo_detector(worl
         assert all((world / v).exists() for v in (value if isinstance(value, list) else [value]))
     # the detector the demo trains, from its portable YAML (labels relative to it), is the demo preset
     text = (world / DETECTOR_CONFIG).read_text()
-    assert "OBJECTS: labels/objects_vocab.txt" in text and str(world) not in text
+    assert "OBJECTS: objects_vocab.txt" in text and str(world) not in text
     assert DetectorConfig.load(world / DETECTOR_CONFIG) == demo_detector_config(
         world / "labels/objects_vocab.txt", world / "labels/attributes_vocab.txt", 128)
 

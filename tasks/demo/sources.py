@@ -6,10 +6,10 @@ from typing import Any
 
 import yaml
 
-from tasks.demo.detector import DETECTOR_CONFIG
 from tasks.demo.layout import LAYOUT
 
 SOURCES_FILE = "sources.yaml"
+DETECTOR_CONFIG = "labels/demo-detector.yaml"  # beside the label files it names
 
 _COCO, _VQA, _VG, _GQA, _NLVR2, _SPLITS = (LAYOUT[k] for k in ("coco", "vqa", "vg", "gqa", "nlvr2", "splits"))
 _YEARS = ("train2014", "val2014")

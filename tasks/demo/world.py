@@ -39,7 +39,7 @@ from tasks.demo.language import (
 )
 from tasks.demo.layout import LAYOUT
 from tasks.demo.scene import SHAPES, SIZES, Scene, Theme, render, sample_scene, sample_theme
-from tasks.demo.sources import SOURCES_FILE, sources_text
+from tasks.demo.sources import DETECTOR_CONFIG, SOURCES_FILE, sources_text
 from tasks.fileio import atomic_directory, write_file, writing
 
 FORMAT = "lxmert-demo-world"
@@ -423,7 +423,8 @@ def _write_world(root: Path, seed: int, config: WorldConfig, workers: int) -> di
                 "files": LAYOUT, "stats": stats}
     w.write(MANIFEST, json.dumps(manifest, indent=2) + "\n")
     # what the pipeline reads, named as a user's sources file names real data (docs/cluster.md)
-    write_detector_config(root, LAYOUT["labels"], config.image_size)
+    write_detector_config(root / DETECTOR_CONFIG, root / LAYOUT["labels"]["objects"],
+                          root / LAYOUT["labels"]["attributes"], config.image_size)
     w.write(SOURCES_FILE, sources_text())
     return manifest
 
