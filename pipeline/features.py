@@ -171,7 +171,14 @@ class ExtractFeatures(ExtractionParams, SourcedTask):
     @staticmethod
     def inputs(output_dir: Path) -> dict[str, Any]:
         """What the extraction read: {"images", "weights", "config", "detector": TrainDetector folder or None}."""
-        return json.loads((output_dir / "summary.json").read_text())["inputs"]
+        summary = json.loads((output_dir / "summary.json").read_text())
+        if "inputs" in summary:
+            return summary["inputs"]
+        # a folder finished before extractions recorded it: its signature still matches only when it was
+        # given its images and weights, which its task.json holds
+        params = json.loads((output_dir / "task.json").read_text())["params"]
+        return {"images": params["images"], "weights": params["weights"],
+                "config": params["config"] or "VG-R101-C4", "detector": None}
 
     @staticmethod
     def path(output_dir: Path) -> Path:

@@ -9,6 +9,7 @@ error naming the parameter and the sources key, before any work.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,9 @@ class Sources:
     """The sources file in use, flattened to dotted keys ("vqa.valid_questions")."""
 
     where: str  # the file, as messages name it
-    root: Path  # relative paths resolve against it
     entries: dict[str, Any]
-    writer: PipelineTask | None = None  # the upstream task that writes the file, if one does
+    root: Path | None = None  # relative paths resolve against it; None: the writer's output folder
+    writer: type[GenerateDemoWorld] | None = None  # the task that writes the file, if one does
     problems: tuple[str, ...] = ()
 
     def has(self, key: str) -> bool:
@@ -63,13 +64,15 @@ class Sources:
         a path (no "/", no .yaml) is a name (a detector config such as VG-R101-C4) and is kept as it is."""
         raw = self.entries.get(key)
         items = [] if raw in (None, "") else raw if isinstance(raw, list) else [raw]
+        root = self.root if self.root is not None else self.writer().sources_file().parent if self.writer else Path()
         resolved = [v if name_or_path and "/" not in v and not v.endswith((".yaml", ".yml"))
-                    else os.path.normpath(self.root / os.path.expanduser(v)) for v in items]
+                    else os.path.normpath(root / os.path.expanduser(v)) for v in items]
         return resolved if many else (resolved[0] if resolved else "")
 
 
+@functools.cache
 def known_keys() -> dict[str, bool]:
-    """{key: holds a list} for every key some task reads (the sources file's schema)."""
+    """{key: holds a list} for every key some task reads (the sources file's schema), found once."""
     import pipeline.tasks  # noqa: F401  every task class defined, so every key is known
 
     keys: dict[str, bool] = {}
@@ -120,7 +123,7 @@ def read_sources(path: Path) -> Sources:
     try:
         st = path.stat()
     except OSError as e:
-        return Sources(str(path), path.parent, {}, problems=(f"luigi.cfg: [pipeline] sources = {path}: "
+        return Sources(str(path), {}, path.parent, problems=(f"luigi.cfg: [pipeline] sources = {path}: "
                                                              f"{e.strerror or e}",))
     stamp = (str(path), st.st_mtime_ns, st.st_size)
     if stamp not in _READ:
@@ -132,26 +135,29 @@ def _parse(path: Path) -> Sources:
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        return Sources(str(path), path.parent, {}, problems=(f"{path}: {e}",))
+        return Sources(str(path), {}, path.parent, problems=(f"{path}: {e}",))
     except yaml.YAMLError as e:
-        return Sources(str(path), path.parent, {}, problems=(f"{path}: not valid YAML: {' '.join(str(e).split())}",))
+        return Sources(str(path), {}, path.parent, problems=(f"{path}: not valid YAML: {' '.join(str(e).split())}",))
     if not isinstance(tree, dict):
         found = "nothing" if tree is None else f"a {type(tree).__name__}"
-        return Sources(str(path), path.parent, {}, problems=(f"{path}: expected a mapping of keys, found {found}",))
+        return Sources(str(path), {}, path.parent, problems=(f"{path}: expected a mapping of keys, found {found}",))
     entries, problems = flatten(tree, str(path))
-    return Sources(str(path), path.parent, entries, problems=tuple(problems))
+    return Sources(str(path), entries, path.parent, problems=tuple(problems))
+
+
+@functools.cache
+def _declared(name: str) -> dict[str, Any]:
+    return flatten(WRITERS[name].declared, name)[0]
 
 
 def sources_in_use() -> Sources:
     """The sources `[pipeline] sources` names: a file, or the one a task writes (demo)."""
     name = setting("sources")
     if name in WRITERS:
-        writer = WRITERS[name]()
-        entries, _ = flatten(writer.declared, name)
-        return Sources(f"the sources file {writer.get_task_family()} writes ({name})", writer.sources_file().parent,
-                       entries, writer=writer)
+        writer = WRITERS[name]
+        return Sources(f"the sources file {writer.__name__} writes ({name})", _declared(name), writer=writer)
     if not name:
-        return Sources("", Path(), {}, problems=(
+        return Sources("", {}, problems=(
             "luigi.cfg: [pipeline] sources is not set: set it to your sources file (docs/cluster.md) or to "
             f"{' / '.join(WRITERS)} (docs/demo.md)",))
     return read_sources(Path(name).expanduser().absolute())
@@ -184,10 +190,15 @@ class SourcedTask(PipelineTask):
                 values[new] = values[old]
         return list(values.items())
 
+    @classmethod
+    @functools.cache
+    def _sourced_params(cls) -> dict[str, luigi.Parameter]:
+        return {name: param for name, param in cls.get_params() if name in cls.sourced}
+
     def given(self) -> list[str]:
         """The input-path parameters given a value (luigi.cfg, command line or caller)."""
-        names = [n for n, p in self.get_params() if n in self.sourced and is_input_path(p)]
-        return [n for n in names + list(self.given_by) if _filled(getattr(self, n))]
+        names = [n for n, p in self._sourced_params().items() if is_input_path(p)] + list(self.given_by)
+        return [n for n in names if _filled(getattr(self, n))]
 
     def from_sources(self) -> bool:
         return bool(self.sourced) and not self.given()
@@ -198,7 +209,7 @@ class SourcedTask(PipelineTask):
             return {}
         src = sources_in_use()
         wanted = any(src.has(key) for key in self.sourced.values())
-        return {"sources": src.writer} if src.writer is not None and wanted else {}
+        return {"sources": src.writer()} if src.writer is not None and wanted else {}
 
     def needs(self) -> tuple[str, ...]:
         """The parameters that must have a value here (`needed`, unless a task decides case by case)."""
@@ -209,8 +220,8 @@ class SourcedTask(PipelineTask):
         own = getattr(self, name)
         if _filled(own) or name not in self.sourced or not self.from_sources():
             return own
-        param = dict(self.get_params())[name]
-        return sources_in_use().value(self.sourced[name], many=isinstance(param, luigi.ListParameter),
+        many = isinstance(self._sourced_params()[name], luigi.ListParameter)
+        return sources_in_use().value(self.sourced[name], many=many,
                                       name_or_path=name in self.name_or_path)
 
     def input_entry(self, name: str) -> tuple[Any, str] | None:
@@ -218,7 +229,7 @@ class SourcedTask(PipelineTask):
         if _filled(own) or name not in self.sourced or not self.from_sources():
             old = [o for o, new in self.aliases.items() if new == name and _filled(getattr(self, o))]
             return own, f"parameter '{name}'" + (f" (given as '{old[0]}')" if old else "")
-        if sources_in_use().writer is not None:
+        if setting("sources") in WRITERS:
             return None  # a file the upstream writer makes: checked and fingerprinted through it
         return self.input_value(name), f"sources key '{self.sourced[name]}' (parameter '{name}')"
 

@@ -2,6 +2,7 @@
 only when chosen (`[pipeline] sources = demo`), and luigi.cfg's values win over the profile layered under it."""
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import shutil
@@ -209,6 +210,15 @@ def test_no_task_outside_the_seam_asks_about_the_demo():
             assert "GenerateDemoWorld" not in text and "tasks.demo" not in text, path
 
 
+def test_an_extraction_finished_before_it_recorded_its_inputs_still_reports_them(tmp_path):
+    """Given images and weights keep an extraction's folder across versions; the report still finds its images."""
+    (tmp_path / "summary.json").write_text(json.dumps({"images": 6, "failed": 0, "shards": []}))
+    (tmp_path / "task.json").write_text(json.dumps({"params": {"images": "/data/img", "weights": "/m/w.pkl",
+                                                               "config": ""}}))
+    assert pt.ExtractFeatures.inputs(tmp_path) == {"images": "/data/img", "weights": "/m/w.pkl",
+                                                   "config": "VG-R101-C4", "detector": None}
+
+
 # ------------------------------------------------------------------ old parameter names keep working
 
 def test_old_data_parameter_names_are_aliases(tmp_path):
@@ -247,6 +257,14 @@ def test_luigi_cfg_values_win_over_the_profile_option_by_option(tmp_path):
     local.write_text("[pipeline]\nprofile = demoo\n")
     assert _values(tmp_path, {})["problems"] == [
         "luigi.cfg: [pipeline] profile = 'demoo' is neither a profile (demo, or empty for none) nor a .cfg file"]
+
+
+def test_the_shipped_luigi_cfg_holds_no_task_settings():
+    """Task settings live in the profile, so a section a user appends to luigi.cfg is never a duplicate."""
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "luigi.cfg")
+    assert parser.sections() == ["core", "retcode", "pipeline"]
+    assert dict(parser["pipeline"]) == {"workdir": "work", "sources": "demo", "profile": "demo"}
 
 
 def test_a_run_says_where_its_data_come_from_and_what_it_read_upstream(tmp_path):
