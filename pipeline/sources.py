@@ -54,7 +54,7 @@ class Sources:
     problems: tuple[str, ...] = ()
 
     def has(self, key: str) -> bool:
-        return self.entries.get(key) not in (None, "", [])
+        return self.entries.get(key) not in (None, [])
 
     def has_under(self, prefix: str) -> bool:
         return any(self.has(k) for k in self.entries if k.startswith(prefix + "."))
@@ -63,11 +63,13 @@ class Sources:
         """The key's path(s) resolved against the file's folder; a name_or_path value that does not look like
         a path (no "/", no .yaml) is a name (a detector config such as VG-R101-C4) and is kept as it is."""
         raw = self.entries.get(key)
-        items = [] if raw in (None, "") else raw if isinstance(raw, list) else [raw]
-        root = self.root if self.root is not None else self.writer().sources_file().parent if self.writer else Path()
+        if raw is None:
+            return [] if many else ""
+        root = self.root if self.root is not None else self.writer().sources_file().parent
+        items = [raw] if isinstance(raw, str) else raw
         resolved = [v if name_or_path and "/" not in v and not v.endswith((".yaml", ".yml"))
                     else os.path.normpath(root / os.path.expanduser(v)) for v in items]
-        return resolved if many else (resolved[0] if resolved else "")
+        return resolved if many else resolved[0]
 
 
 @functools.cache
