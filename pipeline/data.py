@@ -37,6 +37,25 @@ from tasks.data.preprocess import (
 from tasks.data.readers import read_gqa_questions, read_img_id_list, read_vg_qas, read_vqa_annotations
 
 ANSWER_SOURCES = ("released", "build")
+VOCAB = "vocab.txt"
+
+
+def vocab_of(output_dir: Path) -> str | None:
+    """The WordPiece vocabulary a corpus or task-data folder keeps for its texts; None: BERT's."""
+    path = output_dir / VOCAB
+    return str(path) if path.is_file() else None
+
+
+def texts_sourced(section: str, *names: str) -> dict[str, str]:
+    """A data task's sources keys: `section.<name>` for each parameter, and `vocab` for its texts' vocabulary."""
+    return {**{name: f"{section}.{name}" for name in names}, "vocab": "vocab"}
+
+
+def vocab_parameter() -> InputPathParameter:
+    """The `vocab` of a data task: kept in its folder, so training on its texts tokenizes with it."""
+    return InputPathParameter(default="", kind="file", optional=True,
+                              description="WordPiece vocab.txt of these texts, kept with the output for "
+                                          "training; empty: BERT uncased")
 
 
 class RawDataTask(SourcedTask):
@@ -67,6 +86,12 @@ class RawDataTask(SourcedTask):
             names = f"sources keys '{self.sourced[first]}' and '{self.sourced[second]}' ({names})"
         return [f"{self.get_task_family()}: {names} must pair up ({len(a[0])} vs {len(b[0])} files)"]
 
+    def keep_vocab(self, out: Path) -> None:
+        """Copy the texts' vocabulary (the `vocab` parameter or sources key) into the output folder."""
+        vocab = self.input_value("vocab")
+        if vocab:
+            shutil.copyfile(vocab, out / VOCAB)
+
     def pairs(self, first: str, second: str) -> list[tuple[str, str]]:
         """The files of `first` and `second` side by side (checked before work by `paired`)."""
         return list(zip(self.input_value(first), self.input_value(second), strict=True))
@@ -89,10 +114,10 @@ class BuildPretrainCorpus(RawDataTask):
     answers = luigi.ChoiceParameter(choices=ANSWER_SOURCES, default="released",
                                     description="released: LXMERT's 9500 answers; build: from these data")
     answer_min_count = luigi.IntParameter(default=9)
+    vocab = vocab_parameter()
 
-    sourced = {name: f"pretrain.{name}" for name in (
-        "coco_captions", "vqa_questions", "vqa_annotations", "vg_regions", "vg_qas", "vg_image_data",
-        "gqa_questions", "minival", "exclude")}
+    sourced = texts_sourced("pretrain", "coco_captions", "vqa_questions", "vqa_annotations", "vg_regions", "vg_qas",
+                            "vg_image_data", "gqa_questions", "minival", "exclude")
     needs_any = ("coco_captions", "vqa_questions", "vg_regions", "vg_qas", "gqa_questions")
     json_inputs = {"coco_captions": "{", "vqa_questions": "{", "vqa_annotations": "{", "vg_regions": "[",
                    "vg_qas": "[", "vg_image_data": "[", "gqa_questions": "{"}
@@ -118,6 +143,7 @@ class BuildPretrainCorpus(RawDataTask):
             vg_qas=src["vg_qas"], gqa_questions=src["gqa_questions"], vg_image_data=src["vg_image_data"],
             minival=minival, exclude=exclude)
         write_corpus(splits, out)
+        self.keep_vocab(out)
         self.answer_table(src).save_pretrain(out / "answers.json")
         stats = {name: {"images": len(entries),
                         "sentences": sum(len(s) for e in entries for s in e["sentf"].values())}
@@ -144,6 +170,7 @@ class TaskData(RawDataTask):
                                     description="released: the table of the released checkpoints; "
                                                 "build: from the training data")
     answer_min_count = luigi.IntParameter(default=9)
+    vocab = vocab_parameter()
 
     @staticmethod
     def official(output_dir: Path) -> dict[str, Path]:
@@ -155,6 +182,7 @@ class TaskData(RawDataTask):
                 official: dict[str, str]) -> None:
         write_json_atomic(out / "train.json", train)
         write_json_atomic(out / "valid.json", valid)
+        self.keep_vocab(out)
         if table is not None:
             table.save(out / "ans2label.json", out / "label2ans.json")
         write_json_atomic(out / "official.json", official, indent=1)
@@ -176,8 +204,8 @@ class BuildVQAData(TaskData):
                                  description="val images evaluated on (the rest of val joins train); "
                                              "empty: all of val is evaluated")
 
-    sourced = {name: f"vqa.{name}" for name in (
-        "train_questions", "train_annotations", "valid_questions", "valid_annotations", "minival")}
+    sourced = texts_sourced("vqa", "train_questions", "train_annotations", "valid_questions", "valid_annotations",
+                            "minival")
     needed = ("train_questions", "train_annotations", "valid_questions", "valid_annotations")
     aliases = {"val_questions": "valid_questions", "val_annotations": "valid_annotations"}
     json_inputs = {"train_questions": "{", "train_annotations": "{", "valid_questions": "{",
@@ -215,7 +243,7 @@ class BuildGQAData(TaskData):
     valid_choices = InputPathParameter(default="", kind="file", optional=True)
     answer_min_count = luigi.IntParameter(default=1)
 
-    sourced = {name: f"gqa.{name}" for name in ("train_questions", "valid_questions", "valid_choices")}
+    sourced = texts_sourced("gqa", "train_questions", "valid_questions", "valid_choices")
     needed = ("train_questions", "valid_questions")
     json_inputs = {"train_questions": "{", "valid_questions": "{", "valid_choices": "{"}
 
@@ -244,7 +272,7 @@ class BuildNLVR2Data(TaskData):
     train = luigi.Parameter(default="", significant=False, description="old name of train_statements")
     valid = luigi.Parameter(default="", significant=False, description="old name of valid_statements")
 
-    sourced = {name: f"nlvr2.{name}" for name in ("train_statements", "valid_statements")}
+    sourced = texts_sourced("nlvr2", "train_statements", "valid_statements")
     needed = ("train_statements", "valid_statements")
     aliases = {"train": "train_statements", "valid": "valid_statements"}
     json_inputs = {"train_statements": "jsonl", "valid_statements": "jsonl"}

@@ -16,9 +16,8 @@ from extractor.store import FeatureReader, FeatureStoreError
 from model.checkpoint import locate
 from model.config import ConfigError, LxmertConfig
 from pipeline.base import InputPathListParameter, InputPathParameter, PipelineTask, json_check, param_problems
-from pipeline.data import BuildGQAData, BuildNLVR2Data, BuildPretrainCorpus, BuildVQAData, TaskData
+from pipeline.data import BuildGQAData, BuildNLVR2Data, BuildPretrainCorpus, BuildVQAData, TaskData, vocab_of
 from pipeline.features import ExtractFeatures
-from pipeline.sources import SourcedTask
 from tasks import finetune, pretrain
 from tasks.baselines import majority_predictions
 from tasks.data.jsonstream import load_json, write_json_atomic, write_text_atomic
@@ -128,7 +127,7 @@ def _weights_problem(path: Path) -> str | None:
     return None
 
 
-class PretrainLXMERT(TrainingParams, SourcedTask):
+class PretrainLXMERT(TrainingParams, PipelineTask):
     """Cross-modality pretraining with the five objectives (MLM, matching, object labels, features, QA)."""
 
     features = InputPathListParameter(default=[], kind="file", optional=True,
@@ -149,14 +148,11 @@ class PretrainLXMERT(TrainingParams, SourcedTask):
     max_seq_length = luigi.IntParameter(default=20)
     valid_examples = luigi.IntParameter(default=0)
     vocab = InputPathParameter(default="", kind="file", optional=True,
-                               description="WordPiece vocab.txt; empty: the sources file's vocab when the corpus "
-                                           "is BuildPretrainCorpus', else BERT uncased (30,522)")
-
-    sourced = {"vocab": "vocab"}
-    given_by = ("corpus",)  # a corpus given comes with its own vocabulary, or BERT's
+                               description="WordPiece vocab.txt; empty: the one BuildPretrainCorpus keeps with "
+                                           "its corpus (the sources file's vocab), else BERT uncased (30,522)")
 
     def dependencies(self) -> Any:
-        deps: dict[str, Any] = self.source_dependencies()
+        deps: dict[str, Any] = {}
         if not self.features:
             deps["features"] = ExtractFeatures()
         if not self.corpus:
@@ -165,7 +161,7 @@ class PretrainLXMERT(TrainingParams, SourcedTask):
 
     def input_problems(self) -> list[str]:
         """Objectives known; feature files readable; corpus and answer files parse; model and init usable."""
-        problems = super().input_problems()
+        problems = []
         unknown = sorted(set(self.objectives) - set(pretrain.OBJECTIVES))
         if unknown:
             problems.append(f"PretrainLXMERT: parameter 'objectives' has unknown {unknown}; "
@@ -178,10 +174,12 @@ class PretrainLXMERT(TrainingParams, SourcedTask):
     def build(self, out: Path) -> None:
         if self.corpus:
             corpus, valid, answers = list(self.corpus), list(self.valid_corpus), self.answers or None
+            vocab = self.vocab or None
         else:
             d = self.input_dirs()["corpus"]
             corpus = [str(d / f"{s}.json") for s in ("mscoco_train", "mscoco_nominival", "vgnococo")]
             valid, answers = [str(d / "mscoco_minival.json")], self.answers or str(d / "answers.json")
+            vocab = self.vocab or vocab_of(d)
         train = self.train_config(out)
         cfg = PretrainConfig(corpus=corpus, features=_features(self), valid_corpus=valid,
                              valid_examples=self.valid_examples, model=self.model, init_from=self.init or None,
@@ -189,12 +187,12 @@ class PretrainLXMERT(TrainingParams, SourcedTask):
                              dropout=self.dropout if self.dropout >= 0 else None, answers=answers,
                              qa_from_epoch=self.qa_from_epoch, word_mask_rate=self.word_mask_rate,
                              obj_mask_rate=self.obj_mask_rate, max_seq_length=self.max_seq_length,
-                             vocab=self.input_value("vocab") or None, train=train,
+                             vocab=vocab, train=train,
                              **{o: o in self.objectives for o in pretrain.OBJECTIVES})
         self.launch(pretrain, [], cfg, out)
 
 
-class FinetuneTask(TrainingParams, SourcedTask):
+class FinetuneTask(TrainingParams, PipelineTask):
     """Fine-tuning on one benchmark from pretrained weights ("pretrained"), none ("scratch") or a path."""
 
     task_name = ""
@@ -215,10 +213,8 @@ class FinetuneTask(TrainingParams, SourcedTask):
     max_seq_length = luigi.IntParameter(default=20)
     vocab = InputPathParameter(default="", kind="file", optional=True,
                                description="WordPiece vocab.txt; empty: the one saved with the initial weights, "
-                                           "from scratch the sources file's vocab (as PretrainLXMERT's), so the "
-                                           "two compare")
-
-    sourced = {"vocab": "vocab"}
+                                           "from scratch the one the data task keeps (the sources file's vocab, "
+                                           "as PretrainLXMERT's), so the two compare")
 
     def dependencies(self) -> Any:
         deps: dict[str, Any] = {"data": self.data_task()}
@@ -226,14 +222,11 @@ class FinetuneTask(TrainingParams, SourcedTask):
             deps["features"] = ExtractFeatures()
         if self.init == "pretrained":
             deps["pretrain"] = PretrainLXMERT()
-        elif self.init == "scratch":
-            deps.update(self.source_dependencies())
         return deps
 
     def input_problems(self) -> list[str]:
         """init is a choice or usable weights; feature files readable; model usable."""
-        problems = (super().input_problems() + param_problems(self, "features", _feature_file_problem)
-                    + _model_problems(self))
+        problems = param_problems(self, "features", _feature_file_problem) + _model_problems(self)
         if self.init in INIT_CHOICES:
             return problems
         if not Path(self.init).exists():
@@ -262,7 +255,7 @@ class FinetuneTask(TrainingParams, SourcedTask):
             loss=self.loss, dropout=self.dropout if self.dropout >= 0 else None,
             max_seq_length=self.max_seq_length, eval_only=eval_only, train=self.train_config(out),
             # otherwise the vocab.txt saved beside init_from's weights, or BERT's
-            vocab=self.vocab or (self.input_value("vocab") or None if init_from is None else None))
+            vocab=self.vocab or (vocab_of(data) if init_from is None else None))
 
     def build(self, out: Path) -> None:
         self.launch(finetune, [self.task_name], self.config(out), out)

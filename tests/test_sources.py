@@ -84,13 +84,13 @@ def user_layout(world: Path, root: Path) -> Path:
     """The world's GQA and NLVR2 files copied into a user's own layout, named by a sources file there."""
     for rel, name in ((("gqa", "questions", "train"), "gqa/train.json"), (("gqa", "questions", "val"), "gqa/val.json"),
                       (("gqa", "choices", "val"), "gqa/choices.json"), (("nlvr2", "data", "train"), "nlvr2/a.jsonl"),
-                      (("nlvr2", "data", "dev"), "nlvr2/b.jsonl")):
+                      (("nlvr2", "data", "dev"), "nlvr2/b.jsonl"), (("vocab",), "vocab.txt")):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(world_path(world, *rel), root / name)
     return sources_file(root / "sources.yaml", {
         "gqa": {"train_questions": ["gqa/train.json"], "valid_questions": "gqa/val.json",
                 "valid_choices": str(root / "gqa/choices.json")},  # absolute paths work too
-        "nlvr2": {"train_statements": "nlvr2/a.jsonl", "valid_statements": "nlvr2/b.jsonl"}})
+        "nlvr2": {"train_statements": "nlvr2/a.jsonl", "valid_statements": "nlvr2/b.jsonl"}, "vocab": "vocab.txt"})
 
 
 # ------------------------------------------------------------------ the demo world is one source among others
@@ -127,6 +127,9 @@ def test_a_user_sources_file_feeds_the_data_tasks_like_parameters_do(world, wd, 
     assert luigi.build([explicit], local_scheduler=True, log_level="WARNING")
     for name in ("train.json", "valid.json"):
         assert (nlvr2 / name).read_bytes() == (explicit.output_dir() / name).read_bytes()
+    # the texts' vocabulary travels with them; files given as parameters keep none unless given one
+    assert (nlvr2 / "vocab.txt").read_bytes() == (tmp_path / "mydata/vocab.txt").read_bytes()
+    assert not (explicit.output_dir() / "vocab.txt").exists()
     # the folders are self-contained: the official scorer's files are copies inside them
     assert json.loads((nlvr2 / "official.json").read_text()) == {"data": "valid_statements.jsonl"}
     assert (nlvr2 / "valid_statements.jsonl").read_bytes() == (tmp_path / "mydata/nlvr2/b.jsonl").read_bytes()
