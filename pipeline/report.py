@@ -53,22 +53,21 @@ class Report(PipelineTask):
             "features": ExtractFeatures()}
         if "pretrained" in self.inits:
             deps["pretrain"] = PretrainLXMERT()
-        if not ExtractFeatures().weights:
-            deps["detector"] = TrainDetector()
         return deps
 
     def build(self, out: Path) -> None:
         inputs = self.input_dirs()
         evaluations = {task: {init: load_json(d / "metrics.json") for init, d in runs.items()}
                        for task, runs in inputs["evaluate"].items()}
-        detector = TrainDetector.metrics(inputs["detector"]) if "detector" in inputs else None
+        extraction = ExtractFeatures.inputs(inputs["features"])  # the detector trained upstream, if any
+        detector = TrainDetector.metrics(Path(extraction["detector"])) if extraction["detector"] else None
         curves = []
         if "pretrain" in inputs:
             (out / "plots").mkdir(exist_ok=True)
             for png in sorted((inputs["pretrain"] / "plots").glob("*.png")):
                 curves.append(Path("plots") / f"pretrain_{png.name}")
                 shutil.copyfile(png, out / curves[-1])
-        detections = self.draw(ExtractFeatures.path(inputs["features"]), out)
+        detections = self.draw(ExtractFeatures.path(inputs["features"]), extraction["images"], out)
         details = {task: {init: {"accuracy": m["accuracy"], "official": m["official"]["model"]}
                           for init, m in runs.items()} for task, runs in evaluations.items()}
         if detector:
@@ -77,7 +76,7 @@ class Report(PipelineTask):
         write_report(out, summary, title=self.title, details=details, curves=curves, detections=detections)
         print("[lxmert] summary " + json.dumps(summary), flush=True)
 
-    def draw(self, features: Path, out: Path) -> list[tuple[Path, str]]:
+    def draw(self, features: Path, images: str, out: Path) -> list[tuple[Path, str]]:
         """A few images with their stored boxes, object and attribute names."""
         if self.images <= 0:
             return []
@@ -86,7 +85,7 @@ class Report(PipelineTask):
         objects = object_names(cfg.get("object_labels"))
         attributes = attribute_names(cfg.get("attribute_labels"))
         wanted = reader.ids[:: max(1, len(reader) // self.images)][: self.images]
-        paths = {image_id(p): p for p in list_images(ExtractFeatures().resolved_images())}
+        paths = {image_id(p): p for p in list_images(images)}
         (out / "images").mkdir(exist_ok=True)
         drawn = []
         for img in wanted:
@@ -103,7 +102,7 @@ class Report(PipelineTask):
 
 
 class RunAll(PipelineTask):
-    """The whole chain on the configured data (the built-in demo world when no data are configured)."""
+    """The whole chain on the data of the sources in use (luigi.cfg's [pipeline] sources)."""
 
     def dependencies(self) -> Any:
         return {"report": Report(), "validate": ValidateFeatures()}

@@ -18,15 +18,7 @@ from extractor.store import FeatureReader, FeatureStoreError
 from model.checkpoint import locate
 from model.config import ConfigError, LxmertConfig
 from pipeline.base import InputPathListParameter, InputPathParameter, PipelineTask, json_check, param_problems
-from pipeline.data import (
-    BuildGQAData,
-    BuildNLVR2Data,
-    BuildPretrainCorpus,
-    BuildVQAData,
-    GenerateDemoWorld,
-    TaskData,
-    world_vocab,
-)
+from pipeline.data import BuildGQAData, BuildNLVR2Data, BuildPretrainCorpus, BuildVQAData, TaskData, vocab_of
 from pipeline.features import ExtractFeatures
 from pipeline.params import config_values, derived
 from tasks import finetune, pretrain
@@ -166,8 +158,8 @@ class PretrainLXMERT(TrainingTask):
                                                   "lacks); loading is strict otherwise")
     objectives = luigi.ListParameter(default=[o for o in pretrain.OBJECTIVES if getattr(PretrainConfig(), o)])
     vocab = InputPathParameter(default="", kind="file", optional=True,
-                               description="WordPiece vocab.txt; empty: the demo world's own with the "
-                                           "demo corpus, else BERT uncased (30,522)")
+                               description="WordPiece vocab.txt; empty: the one BuildPretrainCorpus keeps with "
+                                           "its corpus (the sources file's vocab), else BERT uncased (30,522)")
 
     def dependencies(self) -> Any:
         deps: dict[str, Any] = {}
@@ -175,13 +167,7 @@ class PretrainLXMERT(TrainingTask):
             deps["features"] = ExtractFeatures()
         if not self.corpus:
             deps["corpus"] = BuildPretrainCorpus()
-        if self.uses_world_vocab():
-            deps["world"] = GenerateDemoWorld()
         return deps
-
-    def uses_world_vocab(self) -> bool:
-        """No vocab given and the corpus is the demo world's: the world's own vocab.txt is used."""
-        return not self.vocab and not self.corpus and BuildPretrainCorpus().uses_demo()
 
     def input_problems(self) -> list[str]:
         """Objectives known; feature files readable; corpus and answer files parse; model and init usable."""
@@ -198,13 +184,14 @@ class PretrainLXMERT(TrainingTask):
     def build(self, out: Path) -> None:
         if self.corpus:
             corpus, valid, answers = list(self.corpus), list(self.valid_corpus), self.answers or None
+            vocab = self.vocab or None
         else:
             d = self.input_dirs()["corpus"]
             corpus = [str(d / f"{s}.json") for s in ("mscoco_train", "mscoco_nominival", "vgnococo")]
             valid, answers = [str(d / "mscoco_minival.json")], self.answers or str(d / "answers.json")
+            vocab = self.vocab or vocab_of(d)
         cfg = PretrainConfig(corpus=corpus, features=_features(self), valid_corpus=valid, init_from=self.init or None,
-                             allow_fresh=list(self.allow_fresh), answers=answers,
-                             vocab=self.vocab or world_vocab(self.input_dirs().get("world")),
+                             allow_fresh=list(self.allow_fresh), answers=answers, vocab=vocab,
                              train=self.train_config(out), **config_values(self, PretrainConfig, PRETRAIN_SETTINGS),
                              **{o: o in self.objectives for o in pretrain.OBJECTIVES})
         self.launch(pretrain, [], cfg, out)
@@ -231,8 +218,9 @@ class FinetuneTask(TrainingTask):
     model = luigi.Parameter(default="", description="network size from scratch: preset or config.json; "
                                                     "empty: PretrainLXMERT's, so the two compare")
     vocab = InputPathParameter(default="", kind="file", optional=True,
-                               description="WordPiece vocab.txt; empty: the one saved with the initial "
-                                           "weights, from scratch PretrainLXMERT's choice, so the two compare")
+                               description="WordPiece vocab.txt; empty: the one saved with the initial weights, "
+                                           "from scratch the one the data task keeps (the sources file's vocab, "
+                                           "as PretrainLXMERT's), so the two compare")
 
     def dependencies(self) -> Any:
         deps: dict[str, Any] = {"data": self.data_task()}
@@ -240,13 +228,7 @@ class FinetuneTask(TrainingTask):
             deps["features"] = ExtractFeatures()
         if self.init == "pretrained":
             deps["pretrain"] = PretrainLXMERT()
-        elif self.init == "scratch" and not self.vocab and PretrainLXMERT().uses_world_vocab():
-            deps["world"] = GenerateDemoWorld()
         return deps
-
-    def scratch_vocab(self) -> str | None:
-        """From scratch, the vocabulary PretrainLXMERT would use (explicit, or the demo world's)."""
-        return PretrainLXMERT().vocab or world_vocab(self.input_dirs().get("world"))
 
     def input_problems(self) -> list[str]:
         """init is a choice or usable weights; feature files readable; model usable."""
@@ -278,7 +260,7 @@ class FinetuneTask(TrainingTask):
             pretrain_answers=str(pretrain_dir / "answers.json") if pretrain_dir else None,
             eval_only=eval_only, train=self.train_config(out), **config_values(self, FinetuneConfig, FINETUNE_SETTINGS),
             # otherwise the vocab.txt saved beside init_from's weights, or BERT's
-            vocab=self.vocab or (self.scratch_vocab() if init_from is None else None))
+            vocab=self.vocab or (vocab_of(data) if init_from is None else None))
 
     def build(self, out: Path) -> None:
         self.launch(finetune, [self.benchmark.name], self.config(out), out)
