@@ -256,7 +256,7 @@ def test_luigi_cfg_values_win_over_the_profile_option_by_option(tmp_path):
         "epochs": 3, "lr": 0.5, "model": "demo", "boxes": 36, "problems": []}
     # no profile: the tasks' own defaults (the paper's recipe) under luigi.cfg
     local.write_text("[pipeline]\nprofile =\n[PretrainLXMERT]\nepochs = 3\n")
-    assert _values(tmp_path, {}) == {"epochs": 3, "lr": 5e-5, "model": "base", "boxes": 36, "problems": []}
+    assert _values(tmp_path, {}) == {"epochs": 3, "lr": 1e-4, "model": "base", "boxes": 36, "problems": []}
     local.write_text("[pipeline]\nprofile = demoo\n")
     assert _values(tmp_path, {})["problems"] == [
         "luigi.cfg: [pipeline] profile = 'demoo' is neither a profile (demo, or empty for none) nor a .cfg file"]
