@@ -147,21 +147,27 @@ class Attention(nn.Module):
         """(B, N, H) -> (B, heads, N, H / heads)."""
         return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None,
+                output_attentions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The attended values (B, N, H); with `output_attentions`, also the attention probabilities
+        (B, heads, N, context length) they were computed with (before attention dropout)."""
         q = self.split_heads(self.query(x))
         k = self.split_heads(self.key(context))
         v = self.split_heads(self.value(context))
         p = self.dropout_p if self.training else 0.0
-        if p > 0 and _fast_cpu_path(q):
-            # SDPA's CPU path draws its dropout mask one generator call per element; the same math
-            # with the faster mask of `dropout`
+        probs = None
+        if output_attentions or (p > 0 and _fast_cpu_path(q)):
+            # explicit softmax: the probabilities are wanted, or SDPA's CPU path would draw its dropout
+            # mask one generator call per element (the faster mask of `dropout` instead)
             scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
             if mask is not None:
                 scores = scores + mask
-            y = dropout(scores.softmax(-1), p, True) @ v
+            probs = scores.softmax(-1)
+            y = (dropout(probs, p, True) if p > 0 else probs) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return y.transpose(1, 2).flatten(2)
+        y = y.transpose(1, 2).flatten(2)
+        return (y, probs) if output_attentions else y
 
 
 class AddNorm(nn.Module):
@@ -197,8 +203,12 @@ class CrossAttentionBlock(nn.Module):
         self.att = Attention(config)
         self.output = AddNorm(config, config.hidden_size)
 
-    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
-        return self.output(self.att(x, context, context_mask), x)
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None,
+                output_attentions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        if not output_attentions:
+            return self.output(self.att(x, context, context_mask), x)
+        y, probs = self.att(x, context, context_mask, output_attentions=True)
+        return self.output(y, x), probs
 
 
 class Intermediate(nn.Module):
@@ -248,9 +258,15 @@ class CrossLayer(nn.Module):
         visn: Tensor,
         visn_mask: Tensor | None,
         vision: bool = True,
+        attentions: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Both directions read this layer's inputs; `vision=False` skips the vision branch."""
-        new_lang = self.visual_attention(lang, visn, visn_mask)
+        """Both directions read this layer's inputs; `vision=False` skips the vision branch. Given a
+        list, `attentions` gets the language -> vision attention probabilities (B, heads, L, O)."""
+        if attentions is None:
+            new_lang = self.visual_attention(lang, visn, visn_mask)
+        else:
+            new_lang, probs = self.visual_attention(lang, visn, visn_mask, output_attentions=True)
+            attentions.append(probs)
         new_lang = self.lang_self_att(new_lang, lang_mask)
         new_lang = self.lang_output(self.lang_inter(new_lang), new_lang)
         if not vision:
@@ -279,9 +295,11 @@ class Encoder(nn.Module):
         visual_pos: Tensor,
         visn_mask: Tensor | None = None,
         return_vision: bool = True,
+        attentions: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """`return_vision=False` skips the last cross layer's vision branch: nothing but the vision
-        output reads it, so models that use only the pooled [CLS] (QA, NLVR2) need not run it."""
+        output reads it, so models that use only the pooled [CLS] (QA, NLVR2) need not run it.
+        Given a list, `attentions` gets each cross layer's language -> vision attention probabilities."""
         visn = self.visn_fc(visual_feats, visual_pos)
         for layer in self.layer:
             lang = layer(lang, lang_mask)
@@ -289,7 +307,8 @@ class Encoder(nn.Module):
             visn = layer(visn, visn_mask)
         last = len(self.x_layers) - 1
         for i, layer in enumerate(self.x_layers):
-            lang, visn = layer(lang, lang_mask, visn, visn_mask, vision=return_vision or i < last)
+            lang, visn = layer(lang, lang_mask, visn, visn_mask, vision=return_vision or i < last,
+                               attentions=attentions)
         return lang, visn
 
 

@@ -40,6 +40,9 @@ class LxmertModelOutput:
     language_output: Tensor
     vision_output: Tensor | None  # None when asked not to compute it (return_vision=False)
     pooled_output: Tensor
+    # with output_attentions: per cross layer, the language -> vision attention probabilities
+    # (B, heads, words, boxes), transformers' name and layout; rows sum to 1 over the unmasked boxes
+    cross_encoder_attentions: tuple[Tensor, ...] | None = None
 
 
 @dataclass
@@ -180,12 +183,16 @@ class LxmertModel(LxmertPreTrainedModel):
         visual_attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         return_vision: bool = True,
+        output_attentions: bool = False,
     ) -> LxmertModelOutput:
         """input_ids (B, L); visual_feats (B, O, D); visual_pos (B, O, 4) boxes in [0, 1]; masks 1 = keep.
 
         `return_vision=False` leaves vision_output None and skips the work only it needs.
+        `output_attentions` also returns which boxes each word attends to in every cross layer
+        (`cross_encoder_attentions`), computed with an explicit softmax instead of the fused kernel.
         """
         lang = self.embeddings(input_ids, token_type_ids)
+        attentions: list[Tensor] | None = [] if output_attentions else None
         lang, visn = self.encoder(
             lang,
             additive_mask(attention_mask, lang.dtype),
@@ -193,8 +200,10 @@ class LxmertModel(LxmertPreTrainedModel):
             visual_pos,
             additive_mask(visual_attention_mask, lang.dtype),
             return_vision,
+            attentions,
         )
-        return LxmertModelOutput(language_output=lang, vision_output=visn, pooled_output=self.pooler(lang))
+        return LxmertModelOutput(language_output=lang, vision_output=visn, pooled_output=self.pooler(lang),
+                                 cross_encoder_attentions=tuple(attentions) if attentions is not None else None)
 
 
 class LxmertForPreTraining(LxmertPreTrainedModel):
