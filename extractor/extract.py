@@ -180,7 +180,7 @@ def to_host(dets: list[Detections], rule: BoxRule) -> list[Detections]:
     for d in dets:
         proposals, scores, features = next(host), next(host), next(host)
         attr = next(host) if d.attr_scores is not None else None
-        boxes = next(host) if rule.strategy == "maxnms" else torch.empty((len(proposals), 0, 4))
+        boxes = next(host) if rule.strategy == "maxnms" else proposals.new_empty((proposals.shape[0], 0, 4))
         out.append(Detections(d.image_size, proposals, scores, boxes, features, attr))
     return out
 

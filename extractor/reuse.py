@@ -4,9 +4,9 @@ Every feature file the driver writes gets a sidecar ``<file>.images.jsonl``: a h
 extraction key (everything that changes an image's features: detector weights and config, the input
 resize rule, box rule, dtype, autocast, TF32, device type, ``REUSE_VERSION``) and one line
 ``[img_id, sha256 of the image file]`` per image. A later run with the same key copies the rows of images
-whose bytes it finds in such a file
-instead of extracting them again. Nothing is copied aside: the index is the sidecars of the outputs that
-exist, so reuse costs no disk, and deleting an old output only forgoes what it could have given.
+whose bytes it finds in such a file instead of extracting them again. Nothing is copied aside: the index
+is the sidecars of the outputs that exist, so reuse costs no disk, and deleting an old output only forgoes
+what it could have given.
 The sidecar is written (temporary file, fsync, rename) before the feature file it describes, by the run
 that computed the rows, and a source is used only when its attributes agree with the key, so a kill at
 any moment never leaves an index line that gives wrong features.

@@ -211,6 +211,26 @@ class ResNetC4(nn.Module):
 
 # ---------------------------------------------------------------- region proposals
 
+class BoxDecoder(BoxCoder):
+    """torchvision's BoxCoder (weights, scale clamp, encode) with a decode that makes no tensor from a Python
+    number: torchvision's makes two per call, each a synchronous host-to-device copy on CUDA. The same
+    arithmetic element by element (centre shift, clamped log-scale, half sizes), so the same boxes."""
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        """(R, 4K) deltas applied to (R, 4) boxes -> (R, 4K) boxes x1 y1 x2 y2."""
+        boxes = boxes.to(rel_codes.dtype)
+        n, k = rel_codes.shape[0], rel_codes.shape[1] // 4
+        size = boxes[:, 2:] - boxes[:, :2]  # (R, 2) width, height
+        centre = boxes[:, :2] + 0.5 * size
+        deltas = rel_codes.reshape(n, k, 4)
+        wx, wy, ww, wh = self.weights
+        shift = torch.stack((deltas[..., 0] / wx, deltas[..., 1] / wy), dim=-1)
+        log_scale = torch.stack((deltas[..., 2] / ww, deltas[..., 3] / wh), dim=-1).clamp(max=self.bbox_xform_clip)
+        new_centre = shift * size[:, None] + centre[:, None]
+        half = 0.5 * (torch.exp(log_scale) * size[:, None])
+        return torch.cat((new_centre - half, new_centre + half), dim=-1).reshape(n, 4 * k)
+
+
 def cell_anchors(sizes: Sequence[float], ratios: Sequence[float]) -> Tensor:
     """(A, 4) anchors centred on 0, size-major then ratio (Detectron2's order and maths, no rounding)."""
     out = []
@@ -259,7 +279,7 @@ class RegionProposalNetwork(nn.Module):
         self.rpn_head = RPNHead(in_channels, hidden, cfg.num_anchors)
         self.register_buffer("cell_anchors", cell_anchors(cfg.anchor_sizes, cfg.anchor_ratios),
                              persistent=False)
-        self.box_coder = BoxCoder(cfg.rpn_bbox_reg_weights, bbox_xform_clip=SCALE_CLAMP)
+        self.box_coder = BoxDecoder(cfg.rpn_bbox_reg_weights, bbox_xform_clip=SCALE_CLAMP)
         self.anchor_offset = cfg.anchor_offset
         self.pre_nms_topk = cfg.rpn_pre_nms_topk
         self.post_nms_topk = cfg.rpn_post_nms_topk
@@ -283,6 +303,7 @@ class RegionProposalNetwork(nn.Module):
         boxes = clip_boxes_to_image(boxes, image_size)
         wh = boxes[:, 2:] - boxes[:, :2]
         keep = (wh > self.min_size).all(dim=1) & torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+        keep = torch.where(keep)[0]  # one nonzero (one host sync on CUDA) for both gathers
         boxes, scores = boxes[keep], scores[keep]
         keep = nms(boxes, scores, self.nms_thresh)[: self.post_nms_topk]
         return boxes[keep]
@@ -390,7 +411,7 @@ class VGDetector(nn.Module):
         self.backbone = ResNetC4(cfg)
         self.proposal_generator = RegionProposalNetwork(cfg, self.backbone.out_channels)
         self.roi_heads = Res5RoIHeads(cfg, self.backbone.out_channels)
-        self.box_coder = BoxCoder(cfg.bbox_reg_weights, bbox_xform_clip=SCALE_CLAMP)
+        self.box_coder = BoxDecoder(cfg.bbox_reg_weights, bbox_xform_clip=SCALE_CLAMP)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), persistent=False)
         for m in self.modules():
