@@ -354,6 +354,8 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
     model = VGDetector(cfg)
     sha = load_detectron2_weights(model, weights)
     model.to(dev).eval()
+    if amp is not None and dev.type == "cpu":  # oneDNN's bf16 convolutions want NHWC (docs/extractor.md)
+        model.to(memory_format=torch.channels_last)
     model.roi_heads.region_chunk = region_chunk
     attrs = {"detector_config": cfg.to_dict(), "weights_sha256": sha, "box_strategy": rule.strategy,
              "min_boxes": rule.min_boxes, "max_boxes": rule.max_boxes, "amp": amp or "none",
