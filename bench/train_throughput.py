@@ -33,24 +33,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_peaks import peak_tflops
 from torch import nn
 
 from tasks.data.answers import default_pretrain_table
+from tasks.data.batches import model_inputs
 from tasks.data.features import open_stores
 from tasks.data.tokenization import load_tokenizer
 from tasks.pretrain import (
-    LOSS_NAMES,
-    MaskingConfig,
+    OBJECTIVES,
     PretrainConfig,
     PretrainCorpus,
     PretrainDataset,
     collate_pretrain,
     make_step,
     model_config,
-    model_inputs,
     targets,
 )
-from tasks.training.loop import StepContext, StepOutput, TrainConfig, autocast, resolve_device, to_device, train
+from tasks.training.distributed import resolve_device
+from tasks.training.loop import StepContext, StepOutput, TrainConfig, autocast, to_device, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES_PER_IMAGE = 4  # tasks.demo.feature_world: two captions and two questions per image
@@ -71,8 +72,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--impl", nargs="+", default=["ours", "hf"], choices=["ours", "hf"])
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak for the AMP dtype (default: 989 for H100 bf16/fp16, else none)")
+                   help="device peak for the AMP dtype (default: bench/gpu_peaks.py's for a known GPU)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="CUDA: warn where our loop makes the host wait for the GPU (torch's sync debug mode)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--world", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -121,7 +124,7 @@ def dataset(cfg: PretrainConfig) -> tuple[PretrainDataset, Any]:
     stores = open_stores(cfg.features)
     table = default_pretrain_table()
     corpus = PretrainCorpus(cfg.corpus, stores, table)
-    data = PretrainDataset(corpus, stores, load_tokenizer(), MaskingConfig(), cfg.train.seed)
+    data = PretrainDataset(corpus, stores, load_tokenizer(), cfg, cfg.train.seed)
     return data, model_config(cfg, stores[0].feature_dim, len(table))
 
 
@@ -132,6 +135,8 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     device = resolve_device(args.device)
     clock = Clock(args, device)
+    if args.sync_debug and device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")  # each place the host waits for the GPU warns once
     with tempfile.TemporaryDirectory() as tmp:
         cfg = pretrain_config(args, Path(tmp) / "run")
         torch.manual_seed(cfg.train.seed)
@@ -143,7 +148,7 @@ def run_ours(args: argparse.Namespace) -> dict:
             return step(model, batch, ctx)
 
         train(LxmertForPreTraining(config), data, cfg.train, collate_fn=collate_pretrain, step_fn=timed,
-              loss_names=LOSS_NAMES, export_fn=lambda model, directory: None)
+              loss_names=OBJECTIVES, export_fn=lambda model, directory: None)
     return clock.result(args)
 
 
@@ -202,6 +207,8 @@ def measure(args: argparse.Namespace, impl: str, world: str, argv: list[str]) ->
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"{impl} failed:\n{done.stderr[-3000:]}")
+    if args.sync_debug:
+        print(f"--- {impl}: where the host waited for the GPU ---\n{done.stderr}", file=sys.stderr)
     return json.loads(line[len("RESULT "):])
 
 
@@ -228,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[impl].append(measure(args, impl, tmp, argv))
     device = resolve_device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    peak = args.peak_tflops
-    if peak is None and gpu and args.amp != "none" and "H100" in gpu:
-        peak = 989.0
+    peak = args.peak_tflops or peak_tflops(gpu, args.amp)
     results = {}
     for impl, rs in runs.items():
         r = {key: statistics.median(x[key] for x in rs) for key in rs[0]}

@@ -9,6 +9,9 @@ Rules (the Caffe detector was fed by ``cv2.imread``, so we decode to the same pi
 - CMYK JPEGs (Adobe, inverted) are converted with R = (255 - C)(255 - K) / 255, as libjpeg/OpenCV do;
 - a multi-frame file gives its first frame.
 Unlike ``cv2.imread``, truncated JPEG/PNG files are refused rather than padded with grey.
+
+An image is stored under its file stem (``image_id``); ``coco_img_id`` and ``read_img_id_list`` give the
+same ids for COCO numbers and for files listing images.
 """
 from __future__ import annotations
 
@@ -19,9 +22,12 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from extractor.jsonstream import DataFormatError, load_json
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                               ".ppm", ".pgm", ".pbm"})
@@ -47,6 +53,40 @@ class ImageReadError(Exception):
 def image_id(path: str | os.PathLike) -> str:
     """The id an image is stored under: its file stem (COCO_train2014_000000132417, 2375429, ...)."""
     return Path(path).stem
+
+
+def coco_img_id(image_id: int, split: str) -> str:
+    """The stem of a COCO 2014/2015 file name: COCO_<split>_<image id on 12 digits>."""
+    if split == "test-dev2015":  # VQA's test-dev questions are on test2015 images
+        split = "test2015"
+    return f"COCO_{split}_{image_id:012d}"
+
+
+def read_img_id_list(path: str | os.PathLike, numbers_as: str | None = "val2014") -> list[str]:
+    """Image ids from a JSON list or a text file (one per line).
+
+    Bare integers are COCO ids of the `numbers_as` split (LXMERT's minival list holds val2014
+    numbers); numbers_as=None keeps them verbatim, as Visual Genome / GQA image ids.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"id list not found: {path}")
+    text_ids: list[Any]
+    if path.suffix == ".json":
+        text_ids = load_json(path)
+        if not isinstance(text_ids, list):
+            raise DataFormatError(f"{path}: expected a JSON list of image ids")
+    else:
+        text_ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = []
+    for i, v in enumerate(text_ids):
+        if isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.isdigit():
+            out.append(coco_img_id(int(v), numbers_as) if numbers_as else str(v))
+        elif isinstance(v, str):
+            out.append(v)
+        else:
+            raise DataFormatError(f"{path}: entry {i}: {v!r} is not an image id")
+    return out
 
 
 def _truncation(data: bytes, fmt: str | None) -> bool:

@@ -1,18 +1,18 @@
 """Reuse of features from earlier outputs, so a rerun over a grown folder runs the detector on new images only.
 
 Every feature file the driver writes gets a sidecar ``<file>.images.jsonl``: a header line holding the
-extraction key (everything that changes an image's features: detector weights and config, box rule,
-dtype, autocast, device type, ``REUSE_VERSION``) and one line ``[img_id, sha256 of the image file]`` per
-image. A later run with the same key copies the rows of images whose bytes it finds in such a file
-instead of extracting them again. Nothing is copied aside: the index is the sidecars of the outputs that
-exist, so reuse costs no disk, and deleting an old output only forgoes what it could have given.
+extraction key (everything that changes an image's features: detector weights and config, the input
+resize rule, box rule, dtype, autocast, TF32, device type, ``REUSE_VERSION``) and one line
+``[img_id, sha256 of the image file]`` per image. A later run with the same key copies the rows of images
+whose bytes it finds in such a file instead of extracting them again. Nothing is copied aside: the index
+is the sidecars of the outputs that exist, so reuse costs no disk, and deleting an old output only forgoes
+what it could have given.
 The sidecar is written (temporary file, fsync, rename) before the feature file it describes, by the run
 that computed the rows, and a source is used only when its attributes agree with the key, so a kill at
 any moment never leaves an index line that gives wrong features.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,13 +23,15 @@ from typing import Any
 
 import h5py
 
-from extractor.store import FeatureReader, FeatureStoreError, ImageFeatures, atomic_replace, temporary_sibling
+from extractor.fileio import atomic_write, file_sha256
+from extractor.store import FeatureReader, FeatureStoreError, ImageFeatures
 
 REUSE_VERSION = 1
 """Part of every key: raise it when decoding, the detector's maths or box selection change what the same
 image, weights and settings give, so features computed before are no longer reused."""
 
-KEY_ATTRS = ("weights_sha256", "detector_config", "box_strategy", "min_boxes", "max_boxes", "amp")
+KEY_ATTRS = ("weights_sha256", "detector_config", "resize", "box_strategy", "min_boxes", "max_boxes", "amp",
+             "tf32")
 
 
 def extraction_key(attrs: Mapping[str, Any], dtype: str, device: str) -> dict[str, Any]:
@@ -42,8 +44,7 @@ def extraction_key(attrs: Mapping[str, Any], dtype: str, device: str) -> dict[st
 def content_hash(path: str | os.PathLike) -> str | None:
     """sha256 of a file's bytes, None when it cannot be read (its decoding then fails and says why)."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_sha256(path)
     except OSError:
         return None
 
@@ -61,16 +62,9 @@ def sidecar_path(features: str | os.PathLike) -> Path:
 
 def write_sidecar(features: str | os.PathLike, key: Mapping[str, Any], hashes: Mapping[str, str]) -> None:
     """Write the index of `features` (img_id -> image sha256) atomically and durably."""
-    final = sidecar_path(features)
-    tmp = temporary_sibling(final)
-    try:
-        lines = [json.dumps({"key": dict(key)}, sort_keys=True)]
-        lines += [json.dumps([img_id, sha]) for img_id, sha in hashes.items()]
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        atomic_replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    lines = [json.dumps({"key": dict(key)}, sort_keys=True)]
+    lines += [json.dumps([img_id, sha]) for img_id, sha in hashes.items()]
+    atomic_write(sidecar_path(features), "".join(line + "\n" for line in lines))
 
 
 def read_sidecar(features: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]] | None:

@@ -1,7 +1,5 @@
-"""`python -m extractor.train`, the documented command: the detector's training CLI (extractor.detector.train)."""
-import sys
-
+"""`python -m extractor.train`: the older name of `python -m extractor.detector.train`, kept working."""
 from extractor.detector.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -34,6 +34,35 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+def compute_dtype_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An fp32 additive mask in the dtype attention runs in under autocast (bf16, fp16), kept finite.
+
+    fp32's lowest value rounds to -inf in bf16 and fp16, and a row whose keys are all masked (an image
+    without boxes) then attends to nothing (zeros, or NaN in some kernels) instead of uniformly, as
+    in fp32. Half the dtype's lowest value stays finite, still zeroes every masked key, and leaves room
+    to add a score in fp16 without overflowing.
+    """
+    return mask.clamp(min=torch.finfo(dtype).min / 2).to(dtype)
+
+
+_FAST_CPU_DROPOUT = True
+
+
+def set_fast_cpu_dropout(enabled: bool) -> bool:
+    """Switch the CPU speed path of every dropout (16-bit keep-masks, below) on or off; returns the
+    previous setting. On, the default, a small model's CPU training step is 10-20% faster; off, dropout
+    and attention use torch's native kernels on CPU too, which draw other masks from the same seed."""
+    global _FAST_CPU_DROPOUT
+    previous, _FAST_CPU_DROPOUT = _FAST_CPU_DROPOUT, bool(enabled)
+    return previous
+
+
+def _fast_cpu_path(x: Tensor) -> bool:
+    """Whether dropout on `x` takes the 16-bit CPU path: switched on, on CPU, eager (torch.compile
+    understands only the native kernel)."""
+    return _FAST_CPU_DROPOUT and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _cpu_keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
     """A Bernoulli(1 - p) keep-mask for `x` from 16-bit uniform draws, four per 64-bit draw of the
     CPU generator, and the scale that keeps E[output] = x.
@@ -45,17 +74,17 @@ def _cpu_keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
     """
     n = x.numel()
     threshold = round(p * 65536)
-    draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
     uniform16 = draws.view(torch.int16)[:n].view(x.shape)  # each uniform on [-32768, 32767]
     return uniform16 >= threshold - 32768, 65536 / (65536 - threshold)
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout: the native fused kernel, or on CPU the 16-bit keep-mask above (eager only;
-    under torch.compile the native kernel, which the compiler understands)."""
+    """Inverted dropout: the native fused kernel, or on the CPU speed path (`set_fast_cpu_dropout`)
+    the 16-bit keep-mask above."""
     if not training or p == 0:
         return x
-    if x.device.type != "cpu" or p >= 1 or torch.compiler.is_compiling():
+    if p >= 1 or not _fast_cpu_path(x):
         return torch.native_dropout(x, p, True)[0]
     keep, scale = _cpu_keep_mask(x, p)
     return x * (keep * scale).to(x.dtype)
@@ -136,9 +165,11 @@ class Attention(nn.Module):
         q = self.split_heads(self.query(x))
         k = self.split_heads(self.key(context))
         v = self.split_heads(self.value(context))
+        if mask is not None and mask.dtype != q.dtype:
+            mask = compute_dtype_mask(mask, q.dtype)
         p = self.dropout_p if self.training else 0.0
         probs = None
-        if output_attentions or (p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling()):
+        if output_attentions or (p > 0 and _fast_cpu_path(q)):
             # explicit softmax: the probabilities are wanted, or SDPA's CPU path would draw its dropout
             # mask one generator call per element (the faster mask of `dropout` instead)
             scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5

@@ -2,14 +2,11 @@
 completion, one-runner locks and a check of every input path before any work starts."""
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +14,10 @@ import luigi
 import luigi.configuration
 from luigi.task import flatten
 
+from extractor.fileio import exclusive, writing
+from extractor.jsonstream import iter_jsonl, load_json, write_text_atomic
+from pipeline import settings
 from pipeline.fingerprint import Members, fingerprint
-from tasks.data.jsonstream import iter_jsonl, load_json, write_text_atomic
-from tasks.fileio import writing
 
 WORKDIR_ENV = "LXMERT_WORKDIR"
 
@@ -56,17 +54,27 @@ class InputPathListParameter(_InputPath, luigi.ListParameter):
     """Several paths the user gives (a JSON list on the command line); empty when optional."""
 
 
+def is_input_path(param: luigi.Parameter) -> bool:
+    """The parameter names input paths (checked before work, fingerprinted into the signature)."""
+    return isinstance(param, _InputPath)
+
+
 class InputPathError(FileNotFoundError):
     """An input named by a parameter is missing or unreadable; the message names the task, the parameter
     and the path (and the line of a list file)."""
 
 
+def _entry(task: luigi.Task, name: str) -> tuple[Any, str] | None:
+    return task.input_entry(name) if isinstance(task, PipelineTask) else (getattr(task, name), f"parameter '{name}'")
+
+
 def _problems(task: luigi.Task) -> list[str]:
     found = []
     for name, param in task.get_params():
-        if not isinstance(param, _InputPath):
+        entry = _entry(task, name) if isinstance(param, _InputPath) else None
+        if entry is None:
             continue
-        value = getattr(task, name)
+        value, label = entry
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if not any(str(v) for v in values):
             if not param.optional:
@@ -78,22 +86,22 @@ def _problems(task: luigi.Task) -> list[str]:
             ok = p.is_file() if param.kind == "file" else p.is_dir() if param.kind == "dir" else p.exists()
             if not ok:
                 what = {"file": "file", "dir": "directory", "any": "path"}[param.kind]
-                found.append(f"{task.get_task_family()}: parameter '{name}' names {what} '{p}', "
-                             f"which does not exist")
+                found.append(f"{task.get_task_family()}: {label} names {what} '{p}', which does not exist")
     if hasattr(task, "input_problems"):
         found.extend(task.input_problems())
     return found
 
 
-_CHECKED: set[str] = set()
+_CHECKED: set[tuple[str, str]] = set()  # (task id, sources in use): a task's inputs follow the sources
 
 
 def check_inputs(root: luigi.Task) -> None:
     """Walk the whole graph under `root` and fail before any work if an input is missing or unreadable."""
-    if root.task_id in _CHECKED:
+    sources = settings.setting("sources")
+    if (root.task_id, sources) in _CHECKED:
         return
     seen: set[str] = set()
-    problems: list[str] = []
+    problems: list[str] = settings.problems()
     stack = [root]
     while stack:
         task = stack.pop()
@@ -107,7 +115,7 @@ def check_inputs(root: luigi.Task) -> None:
             stack.extend(flatten(task.requires()))
     if problems:
         raise InputPathError("inputs missing or unreadable, nothing was run:\n  " + "\n  ".join(_merged(problems)))
-    _CHECKED.update(seen)
+    _CHECKED.update((task_id, sources) for task_id in seen)
 
 
 def _merged(problems: list[str]) -> list[str]:
@@ -182,10 +190,14 @@ def reads(reader: Callable[[Path], Any]) -> Callable[[Path], None]:
 def param_problems(task: luigi.Task, name: str, check: Callable[[Path], str | None]) -> list[str]:
     """Run `check` on every existing path the parameter `name` gives; one message per bad path.
 
-    Missing paths are skipped: the existence check of InputPathParameter reports them. `check` returns
-    None when the path is fine, else a message naming the path; OSError / ValueError count as messages.
+    Missing paths are skipped: the existence check of InputPathParameter reports them, and so are paths an
+    upstream task makes. `check` returns None when the path is fine, else a message naming the path;
+    OSError / ValueError count as messages.
     """
-    value = getattr(task, name)
+    entry = _entry(task, name)
+    if entry is None:
+        return []
+    value, label = entry
     found = []
     for v in (list(value) if isinstance(value, (list, tuple)) else [value]):
         path = Path(str(v))
@@ -196,7 +208,7 @@ def param_problems(task: luigi.Task, name: str, check: Callable[[Path], str | No
         except (OSError, ValueError) as e:
             reason = _reason(path, e)
         if reason:
-            found.append(f"{task.get_task_family()}: parameter '{name}': {reason}")
+            found.append(f"{task.get_task_family()}: {label}: {reason}")
     return found
 
 
@@ -224,28 +236,6 @@ def _signature(task: luigi.Task) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-@contextmanager
-def exclusive(lock_path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock so two processes never build the same output at once; a second process waits
-    for the holder (saying who it is) instead of failing, and the kernel frees the lock if the holder dies."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            print(f"[lxmert] {what} is being built by pid {holder} (lock {lock_path}); waiting for it", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
 class PipelineTask(luigi.Task):
     """Base task: output folder workdir/<Family>/<signature>, built in `<folder>.partial`, renamed when done.
 
@@ -270,14 +260,22 @@ class PipelineTask(luigi.Task):
     def signature(self) -> str:
         return _signature(self)
 
+    def input_entry(self, name: str) -> tuple[Any, str] | None:
+        """(value, how errors name it) of the input parameter `name` as the task reads it, or None when an
+        upstream task makes it (then neither checked before work nor fingerprinted: its signature covers it)."""
+        return getattr(self, name), f"parameter '{name}'"
+
     def input_paths(self) -> dict[str, tuple[list[str], Members | None]]:
         """{parameter: (paths, members)}: the paths whose contents this task reads, for its signature."""
-        found = {name: (_values(getattr(self, name)), param.members)
-                 for name, param in self.get_params() if isinstance(param, _InputPath)}
-        for name in self.name_or_path:
-            value = str(getattr(self, name))
-            if value and os.path.exists(value):
-                found[name] = ([value], None)
+        found: dict[str, tuple[list[str], Members | None]] = {}
+        for name, param in self.get_params():
+            entry = self.input_entry(name) if isinstance(param, _InputPath) or name in self.name_or_path else None
+            if entry is None:
+                continue
+            if name not in self.name_or_path:
+                found[name] = (_values(entry[0]), param.members)
+            elif str(entry[0]) and os.path.exists(str(entry[0])):
+                found[name] = ([str(entry[0])], None)
         return found
 
     def output_dir(self) -> Path:
@@ -295,6 +293,9 @@ class PipelineTask(luigi.Task):
         raise NotImplementedError(f"{self.get_task_family()} does not define build()")
 
     def run(self) -> None:
+        if not _ANNOUNCED:
+            print(settings.describe(), flush=True)
+            _ANNOUNCED.append(True)
         final = self.output_dir()
         with exclusive(workdir() / ".locks" / f"{self.get_task_family()}-{final.name}.lock",
                        f"{self.get_task_family()} {final.name}"):
@@ -306,6 +307,10 @@ class PipelineTask(luigi.Task):
             partial.mkdir(parents=True, exist_ok=True)
             print(f"[lxmert] {self.get_task_family()} {final.name}: {'resuming' if resumed else 'started'}",
                   flush=True)
+            upstream = [d for d in flatten(self.dependencies()) if isinstance(d, PipelineTask)]
+            if upstream:
+                print(f"[lxmert] {self.get_task_family()} {final.name}: upstream "
+                      + "; ".join(map(settings_line, upstream)), flush=True)
             start = time.perf_counter()
             self.build(partial)
             seconds = round(time.perf_counter() - start, 2)
@@ -321,6 +326,19 @@ class PipelineTask(luigi.Task):
     def input_dirs(self) -> Any:
         """The upstream output folders as Paths, shaped like dependencies()."""
         return paths_of(self.dependencies())
+
+
+_ANNOUNCED: list[bool] = []  # the run's sources and profile are printed once per process
+
+
+def settings_line(task: PipelineTask) -> str:
+    """`Family signature (name=value, ...)`: the significant settings of a task that are not its defaults, so a
+    log shows what a task read upstream (a setting given on the command line applies to that task only)."""
+    own = task.to_str_params(only_significant=True, only_public=True)
+    changed = [f"{name}={own[name]}" for name, param in task.get_params()
+               if name in own and getattr(param, "_default", None) not in (None, luigi.parameter._no_value)
+               and own[name] != param.serialize(param._default)]
+    return f"{task.get_task_family()} {task.signature()}" + (f" ({', '.join(changed)})" if changed else "")
 
 
 def paths_of(tasks: Any) -> Any:

@@ -1,20 +1,22 @@
-"""Luigi tasks that turn raw datasets (or the built-in demo world) into LXMERT's preprocessed files."""
+"""Luigi tasks that turn raw dataset files (named by their parameters or the sources file) into LXMERT's files."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import luigi
 
+from extractor.jsonstream import write_json_atomic, write_text_atomic
 from pipeline.base import (
     InputPathListParameter,
     InputPathParameter,
-    PipelineTask,
     json_check,
     param_problems,
     reads,
 )
+from pipeline.sources import SourcedTask
 from tasks.data.answers import (
     AnswerTable,
     build_gqa_table,
@@ -24,7 +26,6 @@ from tasks.data.answers import (
     default_pretrain_table,
     default_vqa_table,
 )
-from tasks.data.jsonstream import write_json_atomic, write_text_atomic
 from tasks.data.preprocess import (
     build_gqa_task,
     build_nlvr2_task,
@@ -34,76 +35,66 @@ from tasks.data.preprocess import (
     write_vqa_subset,
 )
 from tasks.data.readers import read_gqa_questions, read_img_id_list, read_vg_qas, read_vqa_annotations
-from tasks.demo import PRESETS, generate_world, world_path
 
 ANSWER_SOURCES = ("released", "build")
+VOCAB = "vocab.txt"
 
 
-class GenerateDemoWorld(PipelineTask):
-    """The built-in synthetic world, written in the real datasets' formats (docs/demo.md)."""
-
-    seed = luigi.IntParameter(default=0)
-    preset = luigi.ChoiceParameter(choices=sorted(PRESETS), default="demo")
-
-    def build(self, out: Path) -> None:
-        generate_world(out / "world", seed=self.seed, config=PRESETS[self.preset], overwrite=True)
-
-
-def world_vocab(world_task_dir: Path | None) -> str | None:
-    """The demo world's own WordPiece vocabulary (docs/demo.md), given GenerateDemoWorld's output
-    folder; None without one (raw data, or a world written before worlds had it)."""
-    if world_task_dir is None:
-        return None
-    try:
-        path = world_path(world_task_dir / "world", "vocab")
-    except KeyError:
-        return None
+def vocab_of(output_dir: Path) -> str | None:
+    """The WordPiece vocabulary a corpus or task-data folder keeps for its texts; None: BERT's."""
+    path = output_dir / VOCAB
     return str(path) if path.is_file() else None
 
 
-class RawDataTask(PipelineTask):
-    """A task over raw dataset files; when none of `raw_params` is given it reads the demo world."""
+def texts_sourced(section: str, *names: str) -> dict[str, str]:
+    """A data task's sources keys: `section.<name>` for each parameter, and `vocab` for its texts' vocabulary."""
+    return {**{name: f"{section}.{name}" for name in names}, "vocab": "vocab"}
 
-    raw_params: tuple[str, ...] = ()
+
+def vocab_parameter() -> InputPathParameter:
+    """The `vocab` of a data task: kept in its folder, so training on its texts tokenizes with it."""
+    return InputPathParameter(default="", kind="file", optional=True,
+                              description="WordPiece vocab.txt of these texts, kept with the output for "
+                                          "training; empty: BERT uncased")
+
+
+class RawDataTask(SourcedTask):
+    """A task over raw dataset files (its parameters or the sources file's): they parse before any work."""
+
     json_inputs: dict[str, str] = {}  # parameter -> its JSON form: "[" list, "{" object, "jsonl" lines
     id_lists: tuple[str, ...] = ()  # parameters naming image id lists (text or JSON)
 
-    def uses_demo(self) -> bool:
-        return not any(getattr(self, name) for name in self.raw_params)
-
     def dependencies(self) -> Any:
-        return {"world": GenerateDemoWorld()} if self.uses_demo() else {}
+        return self.source_dependencies()
 
     def input_problems(self) -> list[str]:
         """The raw JSON files parse (see pipeline.base.json_check) and the image id lists read."""
-        problems = [line for name, top in self.json_inputs.items()
-                    for line in param_problems(self, name, json_check(top))]
+        problems = super().input_problems()
+        problems += [line for name, top in self.json_inputs.items()
+                     for line in param_problems(self, name, json_check(top))]
         for name in self.id_lists:
             problems += param_problems(self, name, reads(lambda p: read_img_id_list(p, numbers_as=None)))
         return problems
 
     def paired(self, first: str, second: str) -> list[str]:
         """`first` and `second` list matching files (questions and their annotations)."""
-        a, b = getattr(self, first), getattr(self, second)
-        if len(a) != len(b):
-            return [f"{self.get_task_family()}: parameters '{first}' and '{second}' must pair up "
-                    f"({len(a)} vs {len(b)} files)"]
-        return []
-
-    def required(self, *names: str) -> list[str]:
-        """With raw data (not the demo world) each of `names` must be given."""
-        if self.uses_demo():
+        a, b = self.input_entry(first), self.input_entry(second)
+        if a is None or b is None or len(a[0]) == len(b[0]):
             return []
-        return [f"{self.get_task_family()}: parameter '{n}' is required when raw data are given "
-                f"({', '.join(self.raw_params)})" for n in names if not getattr(self, n)]
+        names = f"parameters '{first}' and '{second}'"
+        if a[1].startswith("sources"):  # all of a task's inputs come from one place
+            names = f"sources keys '{self.sourced[first]}' and '{self.sourced[second]}' ({names})"
+        return [f"{self.get_task_family()}: {names} must pair up ({len(a[0])} vs {len(b[0])} files)"]
 
-    def world(self, *keys: str) -> Path:
-        """A file of the demo world's manifest (only when uses_demo())."""
-        return world_path(self.input_dirs()["world"] / "world", *keys)
+    def keep_vocab(self, out: Path) -> None:
+        """Copy the texts' vocabulary (the `vocab` parameter or sources key) into the output folder."""
+        vocab = self.input_value("vocab")
+        if vocab:
+            shutil.copyfile(vocab, out / VOCAB)
 
-    def vqa_files(self, split: str) -> tuple[Path, Path]:
-        """The demo world's VQA questions and annotations of one split."""
-        return self.world("vqa", "questions", split), self.world("vqa", "annotations", split)
+    def pairs(self, first: str, second: str) -> list[tuple[str, str]]:
+        """The files of `first` and `second` side by side (checked before work by `paired`)."""
+        return list(zip(self.input_value(first), self.input_value(second), strict=True))
 
 
 class BuildPretrainCorpus(RawDataTask):
@@ -123,8 +114,11 @@ class BuildPretrainCorpus(RawDataTask):
     answers = luigi.ChoiceParameter(choices=ANSWER_SOURCES, default="released",
                                     description="released: LXMERT's 9500 answers; build: from these data")
     answer_min_count = luigi.IntParameter(default=9)
+    vocab = vocab_parameter()
 
-    raw_params = ("coco_captions", "vqa_questions", "vg_regions", "vg_qas", "gqa_questions")
+    sourced = texts_sourced("pretrain", "coco_captions", "vqa_questions", "vqa_annotations", "vg_regions", "vg_qas",
+                            "vg_image_data", "gqa_questions", "minival", "exclude")
+    needs_any = ("coco_captions", "vqa_questions", "vg_regions", "vg_qas", "gqa_questions")
     json_inputs = {"coco_captions": "{", "vqa_questions": "{", "vqa_annotations": "{", "vg_regions": "[",
                    "vg_qas": "[", "vg_image_data": "[", "gqa_questions": "{"}
     id_lists = ("minival", "exclude")
@@ -133,26 +127,12 @@ class BuildPretrainCorpus(RawDataTask):
         return super().input_problems() + self.paired("vqa_questions", "vqa_annotations")
 
     def sources(self) -> dict[str, Any]:
-        """The raw files to read, from the parameters or from the demo world."""
-        if not self.uses_demo():
-            if len(self.vqa_questions) != len(self.vqa_annotations):
-                raise ValueError("BuildPretrainCorpus: vqa_questions and vqa_annotations must pair up "
-                                 f"({len(self.vqa_questions)} vs {len(self.vqa_annotations)} files)")
-            return {"coco_captions": list(self.coco_captions),
-                    "vqa": list(zip(self.vqa_questions, self.vqa_annotations)),
-                    "vg_regions": self.vg_regions or None, "vg_qas": self.vg_qas or None,
-                    "vg_image_data": self.vg_image_data or None,
-                    "gqa_questions": list(self.gqa_questions),
-                    "minival": self.minival or None, "exclude": self.exclude or None}
-        splits = ("train2014", "val2014")
-        return {"coco_captions": [self.world("coco", "captions", s) for s in splits],
-                "vqa": [self.vqa_files(s) for s in splits],
-                "vg_regions": self.world("vg", "region_descriptions"),
-                "vg_qas": self.world("vg", "question_answers"),
-                "vg_image_data": self.world("vg", "image_data"),
-                "gqa_questions": [self.world("gqa", "questions", "train")],
-                "minival": self.world("splits", "coco_minival"),
-                "exclude": self.world("splits", "vg_val")}
+        """The raw files to read."""
+        v = self.input_value
+        return {"coco_captions": list(v("coco_captions")), "vqa": self.pairs("vqa_questions", "vqa_annotations"),
+                "vg_regions": v("vg_regions") or None, "vg_qas": v("vg_qas") or None,
+                "vg_image_data": v("vg_image_data") or None, "gqa_questions": list(v("gqa_questions")),
+                "minival": v("minival") or None, "exclude": v("exclude") or None}
 
     def build(self, out: Path) -> None:
         src = self.sources()
@@ -163,6 +143,7 @@ class BuildPretrainCorpus(RawDataTask):
             vg_qas=src["vg_qas"], gqa_questions=src["gqa_questions"], vg_image_data=src["vg_image_data"],
             minival=minival, exclude=exclude)
         write_corpus(splits, out)
+        self.keep_vocab(out)
         self.answer_table(src).save_pretrain(out / "answers.json")
         stats = {name: {"images": len(entries),
                         "sentences": sum(len(s) for e in entries for s in e["sentf"].values())}
@@ -182,13 +163,14 @@ class TaskData(RawDataTask):
     """One benchmark's LXMERT task files (train.json, valid.json), answer table and official eval files.
 
     `official.json` names the files the official scorer reads for the valid split, relative to the
-    output folder when they live in it.
+    output folder: they are copies made by the task, so the folder holds all it needs.
     """
 
     answers = luigi.ChoiceParameter(choices=ANSWER_SOURCES, default="released",
                                     description="released: the table of the released checkpoints; "
                                                 "build: from the training data")
     answer_min_count = luigi.IntParameter(default=9)
+    vocab = vocab_parameter()
 
     @staticmethod
     def official(output_dir: Path) -> dict[str, Path]:
@@ -200,6 +182,7 @@ class TaskData(RawDataTask):
                 official: dict[str, str]) -> None:
         write_json_atomic(out / "train.json", train)
         write_json_atomic(out / "valid.json", valid)
+        self.keep_vocab(out)
         if table is not None:
             table.save(out / "ans2label.json", out / "label2ans.json")
         write_json_atomic(out / "official.json", official, indent=1)
@@ -212,30 +195,30 @@ class BuildVQAData(TaskData):
 
     train_questions = InputPathListParameter(default=[], kind="file", optional=True)
     train_annotations = InputPathListParameter(default=[], kind="file", optional=True)
-    val_questions = InputPathParameter(default="", kind="file", optional=True)
-    val_annotations = InputPathParameter(default="", kind="file", optional=True)
+    valid_questions = InputPathParameter(default="", kind="file", optional=True,
+                                         description="val2014 questions (minival is evaluated, the rest trains)")
+    valid_annotations = InputPathParameter(default="", kind="file", optional=True)
+    val_questions = luigi.Parameter(default="", significant=False, description="old name of valid_questions")
+    val_annotations = luigi.Parameter(default="", significant=False, description="old name of valid_annotations")
     minival = InputPathParameter(default="", kind="file", optional=True,
                                  description="val images evaluated on (the rest of val joins train); "
                                              "empty: all of val is evaluated")
 
-    raw_params = ("train_questions", "val_questions")
-    json_inputs = {"train_questions": "{", "train_annotations": "{", "val_questions": "{", "val_annotations": "{"}
+    sourced = texts_sourced("vqa", "train_questions", "train_annotations", "valid_questions", "valid_annotations",
+                            "minival")
+    needed = ("train_questions", "train_annotations", "valid_questions", "valid_annotations")
+    aliases = {"val_questions": "valid_questions", "val_annotations": "valid_annotations"}
+    json_inputs = {"train_questions": "{", "train_annotations": "{", "valid_questions": "{",
+                   "valid_annotations": "{"}
     id_lists = ("minival",)
 
     def input_problems(self) -> list[str]:
-        return (super().input_problems() + self.paired("train_questions", "train_annotations")
-                + self.required("train_questions", "train_annotations", "val_questions", "val_annotations"))
+        return super().input_problems() + self.paired("train_questions", "train_annotations")
 
     def build(self, out: Path) -> None:
-        if self.uses_demo():
-            train, val = [self.vqa_files("train2014")], self.vqa_files("val2014")
-            minival = self.world("splits", "coco_minival")
-        else:
-            if len(self.train_questions) != len(self.train_annotations):
-                raise ValueError("BuildVQAData: train_questions and train_annotations must pair up")
-            train = list(zip(self.train_questions, self.train_annotations))
-            val = (self.val_questions, self.val_annotations)
-            minival = self.minival or None
+        train = self.pairs("train_questions", "train_annotations")
+        val = (self.input_value("valid_questions"), self.input_value("valid_annotations"))
+        minival = self.input_value("minival") or None
         if self.answers == "released":
             table = default_vqa_table()
         else:
@@ -260,49 +243,56 @@ class BuildGQAData(TaskData):
     valid_choices = InputPathParameter(default="", kind="file", optional=True)
     answer_min_count = luigi.IntParameter(default=1)
 
-    raw_params = ("train_questions", "valid_questions")
+    sourced = texts_sourced("gqa", "train_questions", "valid_questions", "valid_choices")
+    needed = ("train_questions", "valid_questions")
     json_inputs = {"train_questions": "{", "valid_questions": "{", "valid_choices": "{"}
 
-    def input_problems(self) -> list[str]:
-        return super().input_problems() + self.required("train_questions", "valid_questions")
-
     def build(self, out: Path) -> None:
-        if self.uses_demo():
-            train, valid_q = [self.world("gqa", "questions", "train")], self.world("gqa", "questions", "val")
-            choices: Path | str = self.world("gqa", "choices", "val")
-        else:
-            train, valid_q, choices = list(self.train_questions), self.valid_questions, self.valid_choices
+        train, valid_q = list(self.input_value("train_questions")), self.input_value("valid_questions")
+        choices = self.input_value("valid_choices")
         if self.answers == "released":
             table = default_gqa_table()
         else:
             table = build_gqa_table([q for p in train for q in read_gqa_questions(p)],
                                     min_count=self.answer_min_count)
         train_entries = [e for p in train for e in build_gqa_task(p)]
-        official = {"questions": str(Path(valid_q).absolute())}
+        official = {"questions": copy_into(valid_q, out, "valid_questions")}
         if choices:
-            official["choices"] = str(Path(choices).absolute())
+            official["choices"] = copy_into(choices, out, "valid_choices")
         self._finish(out, train_entries, build_gqa_task(valid_q), table, official)
 
 
 class BuildNLVR2Data(TaskData):
     """NLVR2: train and dev (or test) statements over image pairs."""
 
-    train = InputPathParameter(default="", kind="file", optional=True, description="train.json (JSON lines)")
-    valid = InputPathParameter(default="", kind="file", optional=True, description="dev.json or test1.json")
+    train_statements = InputPathParameter(default="", kind="file", optional=True,
+                                          description="train.json (JSON lines)")
+    valid_statements = InputPathParameter(default="", kind="file", optional=True,
+                                          description="dev.json or test1.json")
+    train = luigi.Parameter(default="", significant=False, description="old name of train_statements")
+    valid = luigi.Parameter(default="", significant=False, description="old name of valid_statements")
 
-    raw_params = ("train", "valid")
-    json_inputs = {"train": "jsonl", "valid": "jsonl"}
-
-    def input_problems(self) -> list[str]:
-        return super().input_problems() + self.required("train", "valid")
+    sourced = texts_sourced("nlvr2", "train_statements", "valid_statements")
+    needed = ("train_statements", "valid_statements")
+    aliases = {"train": "train_statements", "valid": "valid_statements"}
+    json_inputs = {"train_statements": "jsonl", "valid_statements": "jsonl"}
 
     def build(self, out: Path) -> None:
-        if self.uses_demo():
-            train, valid = self.world("nlvr2", "data", "train"), self.world("nlvr2", "data", "dev")
-        else:
-            train, valid = self.train, self.valid
+        train, valid = self.input_value("train_statements"), self.input_value("valid_statements")
         self._finish(out, build_nlvr2_task(train), build_nlvr2_task(valid), None,
-                     {"data": str(Path(valid).absolute())})
+                     {"data": copy_into(valid, out, "valid_statements")})
+
+
+def copy_into(source: str | Path, out: Path, name: str) -> str:
+    """Copy the evaluated split's raw file (or folder of chunks) into the task folder, so the folder holds
+    everything its official scorer reads; returns the copy's name relative to `out`."""
+    source = Path(source)
+    target = name if source.is_dir() else name + source.suffix
+    if source.is_dir():
+        shutil.copytree(source, out / target, dirs_exist_ok=True)
+    else:
+        shutil.copyfile(source, out / target)
+    return target
 
 
 class BuildTaskData(luigi.WrapperTask):

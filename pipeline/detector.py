@@ -1,4 +1,4 @@
-"""The Luigi task that trains a detector of the extractor's architecture (the demo has no weights)."""
+"""The Luigi task that trains a detector of the extractor's architecture (for a world without released weights)."""
 from __future__ import annotations
 
 import json
@@ -8,21 +8,22 @@ from typing import Any
 import luigi
 
 from extractor.detector.config import DetectorConfig
-from extractor.detector.train import demo_detector_config, save_config_yaml, train_detector
-from pipeline.base import InputPathParameter
+from extractor.detector.train import train_detector
+from pipeline.base import InputPathParameter, PipelineTask
 from pipeline.data import RawDataTask
 from tasks.data.readers import read_img_id_list
-from tasks.demo import read_manifest
 
 
-def detector_config_problems(task: luigi.Task) -> list[str]:
+def detector_config_problems(task: PipelineTask) -> list[str]:
     """The task's `config` (a config name or a YAML file) does not load: unknown name, missing file, bad YAML."""
-    if not task.config:
+    entry = task.input_entry("config")
+    if entry is None or not entry[0]:
         return []
+    value, label = entry
     try:
-        DetectorConfig.load(task.config)
+        DetectorConfig.load(value)
     except (OSError, ValueError) as e:
-        return [f"{task.get_task_family()}: parameter 'config': {e}"]
+        return [f"{task.get_task_family()}: {label}: {e}"]
     return []
 
 
@@ -36,10 +37,11 @@ class TrainDetector(RawDataTask):
     images = InputPathParameter(default="", kind="dir", optional=True, description="folder of the VG images")
     objects = InputPathParameter(default="", kind="file", optional=True, description="VG objects.json")
     attributes = InputPathParameter(default="", kind="file", optional=True, description="VG attributes.json")
-    val_ids = InputPathParameter(default="", kind="file", optional=True,
-                                 description="image ids held out for mAP; empty: a fixed fraction")
-    config = luigi.Parameter(default="", description="detector config name or YAML; empty with the demo "
-                                                     "world: the tiny detector sized for it")
+    valid_ids = InputPathParameter(default="", kind="file", optional=True,
+                                   description="image ids held out for mAP; empty: a fixed fraction")
+    val_ids = luigi.Parameter(default="", significant=False, description="old name of valid_ids")
+    config = luigi.Parameter(default="", description="detector config name or YAML; empty: the sources "
+                                                     "file's detector.config")
     epochs = luigi.FloatParameter(default=10.0)
     batch_size = luigi.IntParameter(default=4)
     lr = luigi.FloatParameter(default=5e-3)
@@ -47,35 +49,26 @@ class TrainDetector(RawDataTask):
     device = luigi.Parameter(default="cpu", significant=False)
     data_workers = luigi.IntParameter(default=0, significant=False, description="DataLoader workers")
 
-    raw_params = ("objects",)
+    sourced = {"images": "detector.train.images", "objects": "detector.train.objects",
+               "attributes": "detector.train.attributes", "valid_ids": "detector.train.valid_ids",
+               "config": "detector.config"}
+    needed = ("images", "objects", "config")
+    aliases = {"val_ids": "valid_ids"}
     json_inputs = {"objects": "[", "attributes": "["}
-    id_lists = ("val_ids",)
+    id_lists = ("valid_ids",)
 
     def input_problems(self) -> list[str]:
-        problems = super().input_problems()
-        if not self.uses_demo() and not self.images:
-            problems.append("TrainDetector: parameter 'images' is required when 'objects' is given")
-        if not self.uses_demo() and not self.config:
-            problems.append("TrainDetector: parameter 'config' is required when 'objects' is given")
-        return problems + detector_config_problems(self)
+        return super().input_problems() + detector_config_problems(self)
 
     def build(self, out: Path) -> None:
-        if self.uses_demo():
-            world = self.input_dirs()["world"] / "world"
-            images, objects = self.world("vg", "images"), self.world("vg", "objects")
-            attributes, val_ids = self.world("vg", "attributes"), self.world("splits", "vg_val")
-            cfg = DetectorConfig.load(self.config) if self.config else demo_detector_config(
-                self.world("labels", "objects"), self.world("labels", "attributes"),
-                read_manifest(world)["image_size"])
-        else:
-            images, objects, cfg = self.images, self.objects, DetectorConfig.load(self.config)
-            attributes, val_ids = self.attributes or None, self.val_ids or None
+        cfg = DetectorConfig.load(self.input_value("config"))
+        val_ids = self.input_value("valid_ids")
         ids = read_img_id_list(val_ids, numbers_as=None) if val_ids else None
-        result = train_detector(cfg, images=images, objects=objects, attributes=attributes,
-                                output=out / self.WEIGHTS, metrics=out / "metrics.json", val_ids=ids,
+        result = train_detector(cfg, images=self.input_value("images"), objects=self.input_value("objects"),
+                                attributes=self.input_value("attributes") or None, output=out / self.WEIGHTS,
+                                metrics=out / "metrics.json", config_file=out / self.CONFIG, val_ids=ids,
                                 epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
                                 device=self.device, num_workers=self.data_workers, progress=False)
-        save_config_yaml(cfg, out / self.CONFIG)
         print(f"TrainDetector: mAP@0.5 {result['map50']} on {result['val_images']} val images "
               f"in {result['seconds']} s", flush=True)
 

@@ -8,15 +8,16 @@ from typing import Any
 
 import luigi
 
+from extractor.detector.model import DEFAULT_REGION_CHUNK
 from extractor.extract import extract_features
 from extractor.images import DEFAULT_MAX_PIXELS, list_images
+from extractor.jsonstream import write_text_atomic
 from extractor.reuse import merge_sidecars, sidecar_path
 from extractor.store import failures_path, merge, validate
-from extractor.tsv import import_tsv
+from extractor.store.tsv import import_tsv
 from pipeline.base import InputPathParameter, PipelineTask, param_problems, paths_of, workdir
-from pipeline.data import GenerateDemoWorld
 from pipeline.detector import TrainDetector, detector_config_problems
-from tasks.data.jsonstream import write_text_atomic
+from pipeline.sources import SourcedTask, sources_in_use
 
 FEATURES = "features.h5"
 
@@ -31,11 +32,12 @@ class ExtractionParams:
     name_or_path = ("config",)
 
     images = InputPathParameter(default="", optional=True, members=list_images,
-                                description="a folder of images or a list file; empty: the demo world")
+                                description="a folder of images or a list file; empty: the sources file's images")
     weights = InputPathParameter(default="", kind="file", optional=True,
-                                 description="Detectron2-format detector weights; empty: TrainDetector")
-    config = luigi.Parameter(default="", description="detector config name or YAML; empty: VG-R101-C4, "
-                                                     "or TrainDetector's config when it gives the weights")
+                                 description="Detectron2-format detector weights; empty: the sources file's "
+                                             "detector.weights, or TrainDetector's when it has none")
+    config = luigi.Parameter(default="", description="detector config name or YAML; empty: the sources file's "
+                                                     "detector.config, TrainDetector's, else VG-R101-C4")
     boxes = luigi.IntParameter(default=36, description="boxes per image; 0: adaptive min_boxes..max_boxes")
     min_boxes = luigi.IntParameter(default=10)
     max_boxes = luigi.IntParameter(default=100)
@@ -44,43 +46,61 @@ class ExtractionParams:
     max_failure_ratio = luigi.FloatParameter(default=0.05)
     max_pixels = luigi.IntParameter(default=DEFAULT_MAX_PIXELS,
                                     description="larger images are listed as failures ('too large')")
+    resize = luigi.ChoiceParameter(choices=["", "caffe", "detectron2"], default="",
+                                   description="input rule; empty: the detector config's (caffe for the released "
+                                               "VG configs, detectron2 for detectors trained here)")
+    amp = luigi.ChoiceParameter(choices=["none", "bf16", "fp16"], default="none",
+                                description="autocast: bf16 / fp16 on CUDA, bf16 on CPUs with bf16 instructions "
+                                            "(it changes the features, so it names the output)")
+    tf32 = luigi.BoolParameter(default=False, description="TF32 float32 convolutions and matmuls on CUDA")
     device = luigi.Parameter(default="cpu", significant=False)
     batch_size = luigi.IntParameter(default=1, significant=False)
+    region_chunk = luigi.IntParameter(default=DEFAULT_REGION_CHUNK, significant=False,
+                                      description="regions res5 runs on at once (memory only)")
     decode_workers = luigi.IntParameter(default=-1, significant=False,
                                         description="image-decoding DataLoader workers; -1: automatic")
+
+    sourced = {"images": "images", "weights": "detector.weights", "config": "detector.config"}
 
     def extraction_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (
             "images", "weights", "config", "boxes", "min_boxes", "max_boxes", "selection", "dtype",
-            "max_failure_ratio", "max_pixels", "device", "batch_size", "decode_workers")}
+            "max_failure_ratio", "max_pixels", "resize", "amp", "tf32", "device", "batch_size", "region_chunk",
+            "decode_workers")}
+
+    def trains_detector(self) -> bool:
+        """No weights given and the sources file has none but says what to train: TrainDetector makes them."""
+        if not self.from_sources():
+            return False
+        src = sources_in_use()
+        return not src.has("detector.weights") and src.has_under("detector.train")
+
+    def needs(self) -> tuple[str, ...]:
+        return ("images",) if self.trains_detector() else ("images", "weights")
 
     def input_problems(self) -> list[str]:
         """Every image of the folder / list file exists (naming the list line that does not), and the
         detector config loads."""
-        return param_problems(self, "images", _image_list_problem) + detector_config_problems(self)
+        return (super().input_problems() + param_problems(self, "images", _image_list_problem)
+                + detector_config_problems(self))
 
-    def sources(self) -> dict[str, Any]:
-        deps: dict[str, Any] = {}
-        if not self.images:
-            deps["world"] = GenerateDemoWorld()
-        if not self.weights:
+    def upstream(self) -> dict[str, Any]:
+        """The writer of the sources file and the detector training, when this extraction reads them."""
+        deps = self.source_dependencies()
+        if self.trains_detector():
             deps["detector"] = TrainDetector()
         return deps
 
-    def resolved_images(self) -> str:
-        """The image folder or list, the demo world's folder when none is given."""
-        return self.images or str(paths_of(self.sources())["world"] / "world")
-
     def resolved(self) -> dict[str, Any]:
-        """Image source, weights file and detector config after filling the demo defaults."""
-        inputs = paths_of(self.sources())
-        images = self.resolved_images()
-        if self.weights:
-            weights, config = self.weights, self.config or "VG-R101-C4"
+        """Image source, weights file and detector config, as the extraction reads them; `detector`: the
+        TrainDetector folder that made the weights (None for given ones)."""
+        detector = paths_of(TrainDetector()) if self.trains_detector() else None
+        if detector is not None:
+            weights, config = str(detector / TrainDetector.WEIGHTS), str(detector / TrainDetector.CONFIG)
         else:
-            weights = str(inputs["detector"] / TrainDetector.WEIGHTS)
-            config = self.config or str(inputs["detector"] / TrainDetector.CONFIG)
-        return {"images": images, "weights": weights, "config": config}
+            weights, config = self.input_value("weights"), self.input_value("config") or "VG-R101-C4"
+        return {"images": self.input_value("images"), "weights": weights, "config": self.config or config,
+                "detector": str(detector) if detector else None}
 
 
 def _image_list_problem(images: Path) -> str | None:
@@ -89,14 +109,14 @@ def _image_list_problem(images: Path) -> str | None:
     return None
 
 
-class ExtractFeaturesShard(ExtractionParams, PipelineTask):
+class ExtractFeaturesShard(ExtractionParams, SourcedTask):
     """Features of one contiguous block of the image list; resumes from its partial folder after a kill."""
 
     shard = luigi.IntParameter(default=0)
     shards = luigi.IntParameter(default=1)
 
     def dependencies(self) -> Any:
-        return self.sources()
+        return self.upstream()
 
     def build(self, out: Path) -> None:
         if not 0 <= self.shard < self.shards:
@@ -112,7 +132,8 @@ class ExtractFeaturesShard(ExtractionParams, PipelineTask):
         # folder: it is rebuilt from itself through its index (same task, so same inputs and settings)
         summary = extract_features(
             paths[lo:hi], src["weights"], out / FEATURES, config=src["config"], selection=self.selection,
-            device=self.device, batch_size=self.batch_size, dtype=self.dtype,
+            device=self.device, batch_size=self.batch_size, dtype=self.dtype, resize=self.resize or None,
+            amp=None if self.amp == "none" else self.amp, tf32=self.tf32, region_chunk=self.region_chunk,
             num_workers=None if self.decode_workers < 0 else self.decode_workers,
             max_failure_ratio=self.max_failure_ratio, max_pixels=self.max_pixels, overwrite=True,
             reuse=[out / FEATURES, *earlier_features()], progress=False, **boxes)
@@ -120,7 +141,7 @@ class ExtractFeaturesShard(ExtractionParams, PipelineTask):
               f"{summary['reused']} reused from earlier outputs, {summary['resumed']} resumed, "
               f"{summary['failed']} failed", flush=True)
         _write_json(out / "summary.json", {**summary, "shard": self.shard, "shards": self.shards,
-                                           "first": lo, "stop": hi})
+                                           "first": lo, "stop": hi, "inputs": src})
 
 
 def earlier_features() -> list[Path]:
@@ -130,7 +151,7 @@ def earlier_features() -> list[Path]:
             for p in sorted((workdir() / family).glob(f"*/{FEATURES}")) if not p.parent.name.endswith(".partial")]
 
 
-class ExtractFeatures(ExtractionParams, PipelineTask):
+class ExtractFeatures(ExtractionParams, SourcedTask):
     """Region features of every image in one HDF5 file, made by `shards` shard tasks run in parallel."""
 
     shards = luigi.IntParameter(default=1)
@@ -156,7 +177,20 @@ class ExtractFeatures(ExtractionParams, PipelineTask):
         _write_json(out / "summary.json", {"images": sum(s["stored"] for s in shards),
                                            "failed": sum(s["failed"] for s in shards),
                                            "extracted": sum(s["extracted"] for s in shards),
-                                           "reused": sum(s.get("reused", 0) for s in shards), "shards": shards})
+                                           "reused": sum(s.get("reused", 0) for s in shards),
+                                           "inputs": shards[0]["inputs"], "shards": shards})
+
+    @staticmethod
+    def inputs(output_dir: Path) -> dict[str, Any]:
+        """What the extraction read: {"images", "weights", "config", "detector": TrainDetector folder or None}."""
+        summary = json.loads((output_dir / "summary.json").read_text())
+        if "inputs" in summary:
+            return summary["inputs"]
+        # a folder finished before extractions recorded it: its signature still matches only when it was
+        # given its images and weights, which its task.json holds
+        params = json.loads((output_dir / "task.json").read_text())["params"]
+        return {"images": params["images"], "weights": params["weights"],
+                "config": params["config"] or "VG-R101-C4", "detector": None}
 
     @staticmethod
     def path(output_dir: Path) -> Path:

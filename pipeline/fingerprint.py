@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from extractor.fileio import file_sha256
+
 HASH_LIMIT = 16 * 2**20
 """Files named directly up to this many bytes are hashed: a few milliseconds each, and the same bound under
 which the checks before work already parse JSON inputs in full."""
@@ -63,9 +65,7 @@ def _describe(path: Path, members: Members | None) -> dict[str, Any]:
 def _file(path: Path) -> dict[str, Any]:
     st = path.stat()
     if st.st_size <= HASH_LIMIT:
-        with open(path, "rb") as f:
-            return {"digest": f"sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}", "files": 1,
-                    "bytes": st.st_size}
+        return {"digest": f"sha256:{file_sha256(path)}", "files": 1, "bytes": st.st_size}
     stamp = hashlib.sha256(f"{st.st_size}\t{st.st_mtime_ns}".encode()).hexdigest()
     return {"digest": f"stat:{stamp}", "files": 1, "bytes": st.st_size}
 

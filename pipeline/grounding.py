@@ -6,12 +6,13 @@ from typing import Any
 
 import luigi
 
-from pipeline.base import InputPathParameter, PipelineTask, param_problems
+from extractor.jsonstream import write_json_atomic
+from pipeline.base import InputPathParameter, param_problems
 from pipeline.data import BuildGQAData, TaskData
 from pipeline.features import ExtractFeatures
+from pipeline.sources import SourcedTask
 from pipeline.training import FinetuneGQA, FinetuneTask
 from tasks.data.features import open_stores
-from tasks.data.jsonstream import write_json_atomic
 from tasks.data.tokenization import load_tokenizer, vocab_beside
 from tasks.grounding import gqa_pointing_items, object_boxes, pointing_accuracy
 
@@ -25,33 +26,28 @@ def _boxes_problem(path: Path) -> str | None:
     return None
 
 
-class MeasurePointing(PipelineTask):
+class MeasurePointing(SourcedTask):
     """How often the cross-attention from a GQA question's object words peaks on the named object's box."""
 
     init = luigi.Parameter(default="pretrained", description="the GQA fine-tuning run's init (see FinetuneGQA)")
     objects = InputPathParameter(default="", kind="file", optional=True,
-                                 description="object boxes: Visual Genome objects.json or GQA scene graphs of "
-                                             "the evaluated split; empty: the demo world's")
+                                 description="object boxes of the evaluated GQA images: GQA's scene graphs or "
+                                             "Visual Genome objects.json; empty: the sources file's "
+                                             "gqa.valid_objects (without it the report has no pointing figure)")
     batch_size = luigi.IntParameter(default=64, significant=False)
+
+    sourced = {"objects": "gqa.valid_objects"}
+    needed = ("objects",)
 
     def dependencies(self) -> Any:
         ft = FinetuneGQA(init=self.init)
-        deps: dict[str, Any] = {"finetune": ft, "data": BuildGQAData()}
+        deps: dict[str, Any] = {"finetune": ft, "data": BuildGQAData(), **self.source_dependencies()}
         if not ft.features:
             deps["features"] = ExtractFeatures()
         return deps
 
     def input_problems(self) -> list[str]:
-        problems = param_problems(self, "objects", _boxes_problem)
-        if not self.objects and not BuildGQAData().uses_demo():
-            problems.append("MeasurePointing: parameter 'objects' is required with real GQA data "
-                            "(the scene graphs or Visual Genome objects.json of the evaluated images)")
-        return problems
-
-    def objects_file(self) -> Path:
-        if self.objects:
-            return Path(self.objects)
-        return BuildGQAData().world("vg", "objects")
+        return super().input_problems() + param_problems(self, "objects", _boxes_problem)
 
     def build(self, out: Path) -> None:
         from model import LxmertForQuestionAnswering
@@ -63,7 +59,7 @@ class MeasurePointing(PipelineTask):
         questions = TaskData.official(inputs["data"])["questions"]
         model = LxmertForQuestionAnswering.from_pretrained(weights)
         result = pointing_accuracy(model, load_tokenizer(vocab_beside(str(weights))), open_stores(features),
-                                   gqa_pointing_items(questions, object_boxes(self.objects_file())),
+                                   gqa_pointing_items(questions, object_boxes(self.input_value("objects"))),
                                    batch_size=self.batch_size, max_seq_length=ft.max_seq_length)
         write_json_atomic(out / "metrics.json", {"init": self.init, "weights": str(weights),
                                                  "questions": str(questions), **result}, indent=1)

@@ -12,16 +12,15 @@ from luigi.task import flatten
 
 from extractor.detector.labels import attribute_names, object_names
 from extractor.draw import draw_boxes
+from extractor.fileio import atomic_write
 from extractor.images import image_id, list_images, load_image
+from extractor.jsonstream import load_json, write_json_atomic
 from extractor.store import FeatureReader
 from pipeline.base import PipelineTask
-from pipeline.data import BuildGQAData
 from pipeline.detector import TrainDetector
 from pipeline.features import ExtractFeatures, ValidateFeatures
 from pipeline.grounding import MeasurePointing
 from pipeline.training import EvaluateGQA, EvaluateNLVR2, EvaluateVQA, PretrainLXMERT
-from tasks.data.jsonstream import load_json, write_json_atomic
-from tasks.fileio import atomic_write
 from tasks.report import grounding_summary, plot_validation, summarize, write_report
 
 EVALUATIONS = {"vqa": EvaluateVQA, "gqa": EvaluateGQA, "nlvr2": EvaluateNLVR2}
@@ -55,17 +54,16 @@ class Report(PipelineTask):
             "features": ExtractFeatures()}
         if "pretrained" in self.inits:
             deps["pretrain"] = PretrainLXMERT()
-        if MeasurePointing().objects or BuildGQAData().uses_demo():  # real GQA needs its scene graphs
+        if MeasurePointing().input_value("objects"):  # the GQA images' boxes are known
             deps["pointing"] = {init: MeasurePointing(init=init) for init in self.inits}
-        if not ExtractFeatures().weights:
-            deps["detector"] = TrainDetector()
         return deps
 
     def build(self, out: Path) -> None:
         inputs = self.input_dirs()
         evaluations = {task: {init: load_json(d / "metrics.json") for init, d in runs.items()}
                        for task, runs in inputs["evaluate"].items()}
-        detector = TrainDetector.metrics(inputs["detector"]) if "detector" in inputs else None
+        extraction = ExtractFeatures.inputs(inputs["features"])  # the detector trained upstream, if any
+        detector = TrainDetector.metrics(Path(extraction["detector"])) if extraction["detector"] else None
         curves = []
         if "pretrain" in inputs:
             (out / "plots").mkdir(exist_ok=True)
@@ -75,7 +73,7 @@ class Report(PipelineTask):
             if (inputs["pretrain"] / "logs" / "eval.csv").is_file():
                 curves += [p.relative_to(out) for p in plot_validation(inputs["pretrain"] / "logs" / "eval.csv",
                                                                        out / "plots")]
-        detections = self.draw(ExtractFeatures.path(inputs["features"]), out)
+        detections = self.draw(ExtractFeatures.path(inputs["features"]), extraction["images"], out)
         details = {task: {init: {"accuracy": m["accuracy"], "official": m["official"]["model"]}
                           for init, m in runs.items()} for task, runs in evaluations.items()}
         if detector:
@@ -88,7 +86,7 @@ class Report(PipelineTask):
         write_report(out, summary, title=self.title, details=details, curves=curves, detections=detections)
         print("[lxmert] summary " + json.dumps(summary), flush=True)
 
-    def draw(self, features: Path, out: Path) -> list[tuple[Path, str]]:
+    def draw(self, features: Path, images: str, out: Path) -> list[tuple[Path, str]]:
         """A few images with their stored boxes, object and attribute names."""
         if self.images <= 0:
             return []
@@ -97,7 +95,7 @@ class Report(PipelineTask):
         objects = object_names(cfg.get("object_labels"))
         attributes = attribute_names(cfg.get("attribute_labels"))
         wanted = reader.ids[:: max(1, len(reader) // self.images)][: self.images]
-        paths = {image_id(p): p for p in list_images(ExtractFeatures().resolved_images())}
+        paths = {image_id(p): p for p in list_images(images)}
         (out / "images").mkdir(exist_ok=True)
         drawn = []
         for img in wanted:
@@ -114,7 +112,7 @@ class Report(PipelineTask):
 
 
 class RunAll(PipelineTask):
-    """The whole chain on the configured data (the built-in demo world when no data are configured)."""
+    """The whole chain on the data of the sources in use (luigi.cfg's [pipeline] sources)."""
 
     def dependencies(self) -> Any:
         return {"report": Report(), "validate": ValidateFeatures()}

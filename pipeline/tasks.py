@@ -1,16 +1,10 @@
-"""The product's front door: `luigi --module pipeline.tasks <Task>` (defaults in luigi.cfg)."""
-from pipeline.data import (
-    BuildGQAData,
-    BuildNLVR2Data,
-    BuildPretrainCorpus,
-    BuildTaskData,
-    BuildVQAData,
-    GenerateDemoWorld,
-)
+"""The product's front door: `luigi --module pipeline.tasks <Task>` (settings: luigi.cfg over its profile)."""
+from pipeline.data import BuildGQAData, BuildNLVR2Data, BuildPretrainCorpus, BuildTaskData, BuildVQAData
 from pipeline.detector import TrainDetector
 from pipeline.features import ExtractFeatures, ExtractFeaturesShard, ImportTSVFeatures, ValidateFeatures
 from pipeline.grounding import MeasurePointing
 from pipeline.report import Report, RunAll
+from pipeline.sources import GenerateDemoWorld
 from pipeline.training import (
     EvaluateGQA,
     EvaluateNLVR2,

@@ -6,73 +6,78 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import luigi
 
+from extractor.jsonstream import load_json, write_json_atomic, write_text_atomic
 from extractor.store import FeatureReader, FeatureStoreError
 from model.checkpoint import locate
 from model.config import ConfigError, LxmertConfig
 from pipeline.base import InputPathListParameter, InputPathParameter, PipelineTask, json_check, param_problems
-from pipeline.data import (
-    BuildGQAData,
-    BuildNLVR2Data,
-    BuildPretrainCorpus,
-    BuildVQAData,
-    GenerateDemoWorld,
-    TaskData,
-    world_vocab,
-)
+from pipeline.data import BuildGQAData, BuildNLVR2Data, BuildPretrainCorpus, BuildVQAData, TaskData, vocab_of
 from pipeline.features import ExtractFeatures
+from pipeline.params import config_values, derived
 from tasks import finetune, pretrain
-from tasks.baselines import majority_predictions
-from tasks.data.jsonstream import load_json, write_json_atomic, write_text_atomic
-from tasks.evaluate import evaluate_gqa, evaluate_nlvr2, evaluate_vqa
-from tasks.finetune import FinetuneConfig, write_submission
+from tasks.benchmarks import GQA, NLVR2, VQA, Benchmark
+from tasks.benchmarks.qa import LOSSES
+from tasks.finetune import FinetuneConfig
 from tasks.pretrain import PretrainConfig
-from tasks.training.loop import TrainConfig
+from tasks.training.loop import AMP_MODES, TrainConfig
+from tasks.training.optim import OPTIMIZERS
 from tasks.training.runconfig import save_json
 from tasks.training.weights import model_config_from
 
 INIT_CHOICES = ("pretrained", "scratch")
 
+# TrainConfig fields the training tasks take; their defaults are the stage's recipe (PretrainConfig().train,
+# the benchmark's fine-tuning recipe), and luigi.cfg sets the demo's
+LOOP_SETTINGS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "optimizer", "weight_decay",
+                 "clip_grad_norm", "amp", "seed", "device", "num_workers", "ckpt_every", "log_every")
+# settings that change how, not what, a task computes: not part of its identity
+RUN_SETTINGS = ("device", "num_workers", "ckpt_every", "log_every")
+PRETRAIN_SETTINGS = ("model", "dropout", "qa_from_epoch", "word_mask_rate", "obj_mask_rate", "max_seq_length",
+                     "valid_examples")
+FINETUNE_SETTINGS = ("dropout", "loss", "max_seq_length")
+HELP = {"model": "preset (base, small, tiny) or a config.json", "dropout": "< 0: the model's own",
+        "max_steps": "> 0: stop after this many optimiser steps",
+        "batch_size": "examples per optimiser step, all processes", "log_every": "steps per train.csv row"}
 
-class TrainingParams:
-    """Loop settings shared by the training tasks; how many processes run them does not change the result."""
+
+TrainingTaskT = TypeVar("TrainingTaskT", bound="TrainingTask")
+
+
+def loop_settings(recipe: TrainConfig) -> Callable[[type[TrainingTaskT]], type[TrainingTaskT]]:
+    """Class decorator: the training task follows `recipe` (its stage's); its loop settings are parameters
+    defaulting to the recipe's values."""
+    add = derived(recipe, LOOP_SETTINGS, insignificant=RUN_SETTINGS,
+                  choices={"optimizer": OPTIMIZERS, "amp": AMP_MODES}, descriptions=HELP)
+
+    def follow(cls: type[TrainingTaskT]) -> type[TrainingTaskT]:
+        cls.recipe = recipe
+        return add(cls)
+
+    return follow
+
+
+class TrainingTask(PipelineTask):
+    """What the training tasks share: the loop settings (each task's from its recipe, see `loop_settings`)
+    and the launch; how many processes run them does not change the result."""
 
     name_or_path = ("model",)
 
-    model = luigi.Parameter(default="base", description="preset (base, small, tiny) or a config.json")
-    epochs = luigi.IntParameter(default=1)
-    max_steps = luigi.IntParameter(default=0, description="> 0: stop after this many optimiser steps")
-    batch_size = luigi.IntParameter(default=32, description="examples per optimiser step, all processes")
-    grad_accum = luigi.IntParameter(default=1)
-    lr = luigi.FloatParameter(default=5e-5)
-    warmup_ratio = luigi.FloatParameter(default=0.1)
-    optimizer = luigi.ChoiceParameter(choices=["bertadam", "adamw"], default="bertadam")
-    weight_decay = luigi.FloatParameter(default=0.01)
-    clip_grad_norm = luigi.FloatParameter(default=5.0)
-    amp = luigi.ChoiceParameter(choices=["none", "bf16", "fp16"], default="none")
-    seed = luigi.IntParameter(default=9595)
-    dropout = luigi.FloatParameter(default=-1.0, description="< 0: the model's own")
-    device = luigi.Parameter(default="auto", significant=False)
-    num_workers = luigi.IntParameter(default=2, significant=False)
-    ckpt_every = luigi.IntParameter(default=1000, significant=False)
-    log_every = luigi.IntParameter(default=10, significant=False, description="steps per train.csv row")
     nproc_per_node = luigi.IntParameter(default=1, significant=False, description="> 1: launch torchrun")
     nnodes = luigi.IntParameter(default=1, significant=False)
     rdzv_endpoint = luigi.Parameter(default="", significant=False, description="HOST:PORT when nnodes > 1")
 
+    recipe: TrainConfig  # the stage's recipe (set by `loop_settings`), whose loop settings the parameters override
+
     def train_config(self, out: Path) -> TrainConfig:
-        return TrainConfig(output_dir=str(out), epochs=self.epochs, max_steps=self.max_steps,
-                           batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
-                           warmup_ratio=self.warmup_ratio, optimizer=self.optimizer,
-                           weight_decay=self.weight_decay, clip_grad_norm=self.clip_grad_norm, amp=self.amp,
-                           device=self.device, seed=self.seed, num_workers=self.num_workers,
-                           ckpt_every=self.ckpt_every, log_every=self.log_every, resume=True,
-                           progress=False)
+        return replace(self.recipe, **config_values(self, TrainConfig, LOOP_SETTINGS), output_dir=str(out),
+                       resume=True, progress=False)
 
     def launch(self, module: Any, args: list[str], cfg: Any, out: Path) -> dict[str, Any]:
         """Run in this process, or under torchrun when several processes are asked for; returns metrics."""
@@ -135,7 +140,9 @@ def _weights_problem(path: Path) -> str | None:
     return None
 
 
-class PretrainLXMERT(TrainingParams, PipelineTask):
+@loop_settings(PretrainConfig().train)
+@derived(PretrainConfig(), PRETRAIN_SETTINGS, descriptions=HELP)
+class PretrainLXMERT(TrainingTask):
     """Cross-modality pretraining with the five objectives (MLM, matching, object labels, features, QA)."""
 
     features = InputPathListParameter(default=[], kind="file", optional=True,
@@ -149,15 +156,10 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
     allow_fresh = luigi.ListParameter(default=[], significant=False,
                                       description="key prefixes init may leave freshly initialised (a head it "
                                                   "lacks); loading is strict otherwise")
-    objectives = luigi.ListParameter(default=["mlm", "matched", "obj", "attr", "feat", "qa"])
-    qa_from_epoch = luigi.IntParameter(default=0)
-    word_mask_rate = luigi.FloatParameter(default=0.15)
-    obj_mask_rate = luigi.FloatParameter(default=0.15)
-    max_seq_length = luigi.IntParameter(default=20)
-    valid_examples = luigi.IntParameter(default=0)
+    objectives = luigi.ListParameter(default=[o for o in pretrain.OBJECTIVES if getattr(PretrainConfig(), o)])
     vocab = InputPathParameter(default="", kind="file", optional=True,
-                               description="WordPiece vocab.txt; empty: the demo world's own with the "
-                                           "demo corpus, else BERT uncased (30,522)")
+                               description="WordPiece vocab.txt; empty: the one BuildPretrainCorpus keeps with "
+                                           "its corpus (the sources file's vocab), else BERT uncased (30,522)")
 
     def dependencies(self) -> Any:
         deps: dict[str, Any] = {}
@@ -165,13 +167,7 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
             deps["features"] = ExtractFeatures()
         if not self.corpus:
             deps["corpus"] = BuildPretrainCorpus()
-        if self.uses_world_vocab():
-            deps["world"] = GenerateDemoWorld()
         return deps
-
-    def uses_world_vocab(self) -> bool:
-        """No vocab given and the corpus is the demo world's: the world's own vocab.txt is used."""
-        return not self.vocab and not self.corpus and BuildPretrainCorpus().uses_demo()
 
     def input_problems(self) -> list[str]:
         """Objectives known; feature files readable; corpus and answer files parse; model and init usable."""
@@ -188,26 +184,26 @@ class PretrainLXMERT(TrainingParams, PipelineTask):
     def build(self, out: Path) -> None:
         if self.corpus:
             corpus, valid, answers = list(self.corpus), list(self.valid_corpus), self.answers or None
+            vocab = self.vocab or None
         else:
             d = self.input_dirs()["corpus"]
             corpus = [str(d / f"{s}.json") for s in ("mscoco_train", "mscoco_nominival", "vgnococo")]
             valid, answers = [str(d / "mscoco_minival.json")], self.answers or str(d / "answers.json")
-        train = self.train_config(out)
-        cfg = PretrainConfig(corpus=corpus, features=_features(self), valid_corpus=valid,
-                             valid_examples=self.valid_examples, model=self.model, init_from=self.init or None,
-                             allow_fresh=list(self.allow_fresh),
-                             dropout=self.dropout if self.dropout >= 0 else None, answers=answers,
-                             qa_from_epoch=self.qa_from_epoch, word_mask_rate=self.word_mask_rate,
-                             obj_mask_rate=self.obj_mask_rate, max_seq_length=self.max_seq_length,
-                             vocab=self.vocab or world_vocab(self.input_dirs().get("world")), train=train,
+            vocab = self.vocab or vocab_of(d)
+        cfg = PretrainConfig(corpus=corpus, features=_features(self), valid_corpus=valid, init_from=self.init or None,
+                             allow_fresh=list(self.allow_fresh), answers=answers, vocab=vocab,
+                             train=self.train_config(out), **config_values(self, PretrainConfig, PRETRAIN_SETTINGS),
                              **{o: o in self.objectives for o in pretrain.OBJECTIVES})
         self.launch(pretrain, [], cfg, out)
 
 
-class FinetuneTask(TrainingParams, PipelineTask):
-    """Fine-tuning on one benchmark from pretrained weights ("pretrained"), none ("scratch") or a path."""
+@derived(FinetuneConfig(), FINETUNE_SETTINGS, choices={"loss": LOSSES}, descriptions=HELP)
+class FinetuneTask(TrainingTask):
+    """Fine-tuning on one benchmark from pretrained weights ("pretrained"), none ("scratch") or a path.
 
-    task_name = ""
+    Each benchmark's task takes its loop settings from the benchmark's fine-tuning recipe (`loop_settings`)."""
+
+    benchmark: Benchmark
     data_task: type[TaskData] = TaskData
     name_or_path = ("init", "model")
 
@@ -221,11 +217,10 @@ class FinetuneTask(TrainingParams, PipelineTask):
                     "the task head (a pretrained model has none) when training, nothing when evaluating")
     model = luigi.Parameter(default="", description="network size from scratch: preset or config.json; "
                                                     "empty: PretrainLXMERT's, so the two compare")
-    loss = luigi.ChoiceParameter(choices=["bce", "ce"], default="bce")
-    max_seq_length = luigi.IntParameter(default=20)
     vocab = InputPathParameter(default="", kind="file", optional=True,
-                               description="WordPiece vocab.txt; empty: the one saved with the initial "
-                                           "weights, from scratch PretrainLXMERT's choice, so the two compare")
+                               description="WordPiece vocab.txt; empty: the one saved with the initial weights, "
+                                           "from scratch the one the data task keeps (the sources file's vocab, "
+                                           "as PretrainLXMERT's), so the two compare")
 
     def dependencies(self) -> Any:
         deps: dict[str, Any] = {"data": self.data_task()}
@@ -233,13 +228,7 @@ class FinetuneTask(TrainingParams, PipelineTask):
             deps["features"] = ExtractFeatures()
         if self.init == "pretrained":
             deps["pretrain"] = PretrainLXMERT()
-        elif self.init == "scratch" and not self.vocab and PretrainLXMERT().uses_world_vocab():
-            deps["world"] = GenerateDemoWorld()
         return deps
-
-    def scratch_vocab(self) -> str | None:
-        """From scratch, the vocabulary PretrainLXMERT would use (explicit, or the demo world's)."""
-        return PretrainLXMERT().vocab or world_vocab(self.input_dirs().get("world"))
 
     def input_problems(self) -> list[str]:
         """init is a choice or usable weights; feature files readable; model usable."""
@@ -259,23 +248,22 @@ class FinetuneTask(TrainingParams, PipelineTask):
         if not eval_only:
             init_from = str(pretrain_dir / "final") if pretrain_dir else (
                 None if self.init == "scratch" else self.init)
-        annotations = {"vqa": official.get("annotations"), "gqa": official.get("questions")}.get(self.task_name)
+        annotations = official.get(self.benchmark.annotation_file)
         return FinetuneConfig(
-            task=self.task_name, train_files=[str(data / "train.json")], valid_files=[str(data / "valid.json")],
+            task=self.benchmark.name, train_files=[str(data / "train.json")], valid_files=[str(data / "valid.json")],
             features=_features(self), annotations=str(annotations) if annotations else None,
             gqa_choices=str(official["choices"]) if "choices" in official else None,
-            answers=str(data / "ans2label.json") if self.task_name != "nlvr2" else None,
+            answers=str(data / "ans2label.json") if self.benchmark.answers else None,
             model=self.model or PretrainLXMERT().model, init_from=init_from,
             # evaluating never leaves part of the weights fresh (None is strict with eval_only)
             allow_fresh=None if eval_only or self.allow_fresh is None else list(self.allow_fresh),
             pretrain_answers=str(pretrain_dir / "answers.json") if pretrain_dir else None,
-            loss=self.loss, dropout=self.dropout if self.dropout >= 0 else None,
-            max_seq_length=self.max_seq_length, eval_only=eval_only, train=self.train_config(out),
+            eval_only=eval_only, train=self.train_config(out), **config_values(self, FinetuneConfig, FINETUNE_SETTINGS),
             # otherwise the vocab.txt saved beside init_from's weights, or BERT's
-            vocab=self.vocab or (self.scratch_vocab() if init_from is None else None))
+            vocab=self.vocab or (vocab_of(data) if init_from is None else None))
 
     def build(self, out: Path) -> None:
-        self.launch(finetune, [self.task_name], self.config(out), out)
+        self.launch(finetune, [self.benchmark.name], self.config(out), out)
 
     @staticmethod
     def chosen_model(output_dir: Path) -> Path:
@@ -283,24 +271,28 @@ class FinetuneTask(TrainingParams, PipelineTask):
         return output_dir / Path(json.loads((output_dir / "metrics.json").read_text())["model"]).name
 
 
+@loop_settings(VQA.recipe())
 class FinetuneVQA(FinetuneTask):
     """VQA v2: soft-score BCE over the answer table, answer head initialised from the pretraining QA head."""
 
-    task_name, data_task = "vqa", BuildVQAData
+    benchmark, data_task = VQA, BuildVQAData
 
 
+@loop_settings(GQA.recipe())
 class FinetuneGQA(FinetuneTask):
     """GQA: as the original (BCE over the 1842 answers; `loss=ce` for its cross-entropy option)."""
 
-    task_name, data_task = "gqa", BuildGQAData
+    benchmark, data_task = GQA, BuildGQAData
 
 
+@loop_settings(NLVR2.recipe())
 class FinetuneNLVR2(FinetuneTask):
     """NLVR2: one sentence and two images, the pair head, 2-way cross-entropy."""
 
-    task_name, data_task = "nlvr2", BuildNLVR2Data
+    benchmark, data_task = NLVR2, BuildNLVR2Data
 
 
+@derived(TrainConfig(), ("device",), insignificant=("device",))
 class EvaluateTask(PipelineTask):
     """Predictions on the valid split in the benchmark's official format, scored by the official metric."""
 
@@ -309,7 +301,6 @@ class EvaluateTask(PipelineTask):
     init = luigi.Parameter(default="pretrained", description="the fine-tuning run's init (see Finetune*)")
     weights = InputPathParameter(default="", optional=True,
                                  description="fine-tuned weights to evaluate instead of the Finetune task's")
-    device = luigi.Parameter(default="auto", significant=False)
 
     def input_problems(self) -> list[str]:
         return param_problems(self, "weights", _weights_problem)
@@ -325,29 +316,22 @@ class EvaluateTask(PipelineTask):
 
     def build(self, out: Path) -> None:
         ft = self.finetune_task(init=self.init)
+        benchmark = ft.benchmark
         weights = self.weights or str(FinetuneTask.chosen_model(self.input_dirs()["finetune"]))
         cfg = ft.config(out, eval_only=True, init_from=weights)
         cfg = replace(cfg, train=replace(cfg.train, device=self.device))
         finetune.run(cfg)
-        task, ext = ft.task_name, "csv" if ft.task_name == "nlvr2" else "json"
-        predictions = out / f"valid_predict.{ext}"
+        predictions = out / f"valid_predict{benchmark.submission_suffix}"
         data = self.input_dirs()["data"]
         official = TaskData.official(data)
-        majority = majority_predictions(task, load_json(data / "train.json"), load_json(data / "valid.json"))
-        baseline_file = write_submission(task, out / f"majority_predict.{ext}", majority)
-        scores = {"model": self.score(official, predictions), "majority": self.score(official, baseline_file)}
+        majority = benchmark.majority_predictions(load_json(data / "train.json"), load_json(data / "valid.json"))
+        baseline_file = benchmark.write_submission(out / f"majority_predict{benchmark.submission_suffix}", majority)
+        scores = {"model": benchmark.evaluate(predictions, **official),
+                  "majority": benchmark.evaluate(baseline_file, **official)}
         write_json_atomic(out / "metrics.json", {
-            "task": task, "init": self.init, "weights": weights, "predictions": predictions.name,
-            "accuracy": self.headline(scores["model"]), "majority_accuracy": self.headline(scores["majority"]),
-            "official": scores}, indent=1)
-
-    def score(self, official: dict[str, Path], predictions: Path) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @staticmethod
-    def headline(metrics: dict[str, Any]) -> float:
-        """The number papers report, in percent."""
-        raise NotImplementedError
+            "task": benchmark.name, "init": self.init, "weights": weights, "predictions": predictions.name,
+            "accuracy": benchmark.headline(scores["model"]),
+            "majority_accuracy": benchmark.headline(scores["majority"]), "official": scores}, indent=1)
 
 
 class EvaluateVQA(EvaluateTask):
@@ -355,35 +339,14 @@ class EvaluateVQA(EvaluateTask):
 
     finetune_task = FinetuneVQA
 
-    def score(self, official: dict[str, Path], predictions: Path) -> dict[str, Any]:
-        return evaluate_vqa(official["annotations"], predictions, official["questions"])
-
-    @staticmethod
-    def headline(metrics: dict[str, Any]) -> float:
-        return float(metrics["overall"])
-
 
 class EvaluateGQA(EvaluateTask):
     """GQA accuracy, binary / open, validity, plausibility, consistency, distribution."""
 
     finetune_task = FinetuneGQA
 
-    def score(self, official: dict[str, Path], predictions: Path) -> dict[str, Any]:
-        return evaluate_gqa(official["questions"], predictions, official.get("choices"))
-
-    @staticmethod
-    def headline(metrics: dict[str, Any]) -> float:
-        return round(float(metrics["accuracy"]), 2)
-
 
 class EvaluateNLVR2(EvaluateTask):
     """NLVR2 accuracy and consistency."""
 
     finetune_task = FinetuneNLVR2
-
-    def score(self, official: dict[str, Path], predictions: Path) -> dict[str, Any]:
-        return evaluate_nlvr2(official["data"], predictions)
-
-    @staticmethod
-    def headline(metrics: dict[str, Any]) -> float:
-        return round(100 * float(metrics["accuracy"]), 2)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from extractor.jsonstream import DataFormatError, iter_array, iter_object
 from extractor.store import FeatureReader
 from tasks.data.features import locate_images, read_image
-from tasks.data.jsonstream import DataFormatError, iter_array, iter_object
 
 IOU = 0.5
 

@@ -11,8 +11,6 @@ run in the DataLoader workers.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
 from array import array
 from collections.abc import Callable, Sequence
@@ -22,36 +20,33 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from extractor.jsonstream import DataFormatError, iter_array, write_json_atomic
 from extractor.store import FeatureReader, ImageFeatures
-from model.checkpoint import CheckpointError
-from model.config import ConfigError
+from model.modeling import target_rows
 from tasks.data.answers import AnswerTable, convert_label, default_pretrain_table
+from tasks.data.batches import IGNORE, model_inputs, pad
 from tasks.data.features import locate_images, open_stores, read_image
-from tasks.data.jsonstream import DataFormatError, iter_array, write_json_atomic
 from tasks.data.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
+from tasks.training.distributed import DistEnv, all_reduce_sum, run_command, start_run
 from tasks.training.loop import (
-    DistEnv,
     StepContext,
     StepFn,
     StepOutput,
     TrainConfig,
     autocast,
-    cleanup_distributed,
     epoch_generator,
-    init_distributed,
     to_device,
     train,
 )
-from tasks.training.runconfig import parse_config, save_json
-from tasks.training.weights import export_with_vocab, fit_vocab, load_weights, model_config_from, read_checkpoint
+from tasks.training.runconfig import parse_config
+from tasks.training.weights import export_with_vocab, fit_vocab, load_weights, network_config, read_init
 
-IGNORE = -100  # target value every loss skips (transformers' convention; the model also skips -1)
 SOURCES = ("mscoco", "vg", "vqa", "gqa", "visual7w")
-OBJECTIVES = ("mlm", "matched", "obj", "attr", "feat", "qa")
+OBJECTIVES = ("mlm", "matched", "obj", "attr", "feat", "qa")  # their switches, and the loss parts logged
+MISMATCH_RATE = 0.5  # share of sentences paired with another image while the matching objective is on
 
 
 # ----------------------------------------------------------------------------- pure target builders
@@ -199,27 +194,16 @@ class PretrainCorpus:
 
 # ----------------------------------------------------------------------------- dataset
 
-@dataclass
-class MaskingConfig:
-    """What the dataset randomises; the objectives' switches live with the model's config."""
-
-    word_mask_rate: float = 0.15
-    obj_mask_rate: float = 0.15
-    mismatch_rate: float = 0.5       # 0 when the matching objective is off
-    max_seq_length: int = 20
-    max_boxes: int = 0               # 0: every box the feature file holds
-    static: bool = False             # draw masks once (BERT's original data); LXMERT redraws every epoch
-
-
 class PretrainDataset(Dataset):
     """Masked (image, sentence) examples with every pretraining target; see the module docstring."""
 
     def __init__(self, corpus: PretrainCorpus, stores: Sequence[FeatureReader], tokenizer: Any,
-                 masking: MaskingConfig, seed: int) -> None:
-        if masking.mismatch_rate > 0 and corpus.stats.images < 2:
+                 cfg: PretrainConfig, seed: int) -> None:
+        self.mismatch_rate = MISMATCH_RATE if cfg.matched else 0.0
+        if self.mismatch_rate > 0 and corpus.stats.images < 2:
             raise ValueError("corpus: the matching objective needs sentences of at least two images")
         self.corpus, self.stores, self.tokenizer = corpus, list(stores), tokenizer
-        self.masking, self.seed, self.epoch = masking, seed, 0
+        self.cfg, self.seed, self.epoch = cfg, seed, 0
         self.vocab_size = len(tokenizer.vocab)
         self.special = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id)
 
@@ -232,7 +216,7 @@ class PretrainDataset(Dataset):
 
     def _image(self, image: int) -> ImageFeatures:
         c = self.corpus
-        return read_image(self.stores, int(c.img_store[image]), int(c.img_row[image]), self.masking.max_boxes)
+        return read_image(self.stores, int(c.img_store[image]), int(c.img_row[image]), self.cfg.max_boxes)
 
     def _other_example(self, i: int, rng: np.random.Generator) -> int:
         """A uniformly drawn example of another image (the mismatched sentence's source)."""
@@ -243,11 +227,11 @@ class PretrainDataset(Dataset):
                 return j
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        c, m = self.corpus, self.masking
-        rng = np.random.default_rng([self.seed, 0 if self.masking.static else self.epoch, i])
+        c, m = self.corpus, self.cfg
+        rng = np.random.default_rng([self.seed, 0 if m.static_masks else self.epoch, i])
         matched = 1
         sent_i = i
-        if m.mismatch_rate > 0 and rng.random() < m.mismatch_rate:
+        if self.mismatch_rate > 0 and rng.random() < self.mismatch_rate:
             matched, sent_i = 0, self._other_example(i, rng)
         cls_id, sep_id, mask_id = self.special
         tokens = self.tokenizer.tokenize(c.sentence(sent_i))[: m.max_seq_length - 2]
@@ -274,50 +258,44 @@ class PretrainDataset(Dataset):
                 "feat_mask": feat_mask, "matched": matched, "ans": ans, "index": i}
 
 
-def _pad(arrays: Sequence[np.ndarray], length: int, value: float, dtype: torch.dtype) -> torch.Tensor:
-    shape = (len(arrays), length, *arrays[0].shape[1:])
-    out = torch.full(shape, value, dtype=dtype)
-    for row, a in enumerate(arrays):
-        out[row, : len(a)] = torch.from_numpy(np.ascontiguousarray(a))
-    return out
-
-
 def collate_pretrain(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """Pad words to the longest sentence and boxes to the most boxes of the batch.
 
     Padded boxes get zero confidence and zero feature mask, so they weigh nothing in the visual
     losses. A batch with no masked word or no answer label carries None for that target, so the
-    loss is skipped instead of averaging over nothing.
+    loss is skipped instead of averaging over nothing. `target_rows` holds the rows each loss reads,
+    found here on the host so that the network never waits for a GPU to find them.
     """
     n_words = max(len(e["input_ids"]) for e in examples)
     n_boxes = max(len(e["visual_feats"]) for e in examples)
     feat_dtype = torch.from_numpy(examples[0]["visual_feats"][:0]).dtype
-    ids = _pad([e["input_ids"] for e in examples], n_words, 0, torch.long)
-    labels = _pad([e["labels"] for e in examples], n_words, IGNORE, torch.long)
+    ids = pad([e["input_ids"] for e in examples], n_words, torch.long)
+    labels = pad([e["labels"] for e in examples], n_words, torch.long, value=IGNORE)
     ans = torch.tensor([e["ans"] for e in examples], dtype=torch.long)
-    return {
+    batch = {
         "ids": [e["id"] for e in examples],
         "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
         "input_ids": ids,
-        "attention_mask": _pad([np.ones(len(e["input_ids"]), np.int64) for e in examples], n_words, 0,
-                               torch.long),
+        "attention_mask": pad([np.ones(len(e["input_ids"]), np.int64) for e in examples], n_words, torch.long),
         "token_type_ids": torch.zeros_like(ids),
-        "visual_feats": _pad([e["visual_feats"] for e in examples], n_boxes, 0, feat_dtype),
-        "visual_pos": _pad([e["visual_pos"] for e in examples], n_boxes, 0, torch.float32),
-        "visual_attention_mask": _pad([np.ones(len(e["visual_feats"]), np.float32) for e in examples],
-                                      n_boxes, 0, torch.float32),
+        "visual_feats": pad([e["visual_feats"] for e in examples], n_boxes, feat_dtype),
+        "visual_pos": pad([e["visual_pos"] for e in examples], n_boxes, torch.float32),
+        "visual_attention_mask": pad([np.ones(len(e["visual_feats"]), np.float32) for e in examples],
+                                     n_boxes, torch.float32),
         "labels": labels if bool((labels != IGNORE).any()) else None,
         "obj_labels": {
-            "obj": (_pad([e["obj_ids"] for e in examples], n_boxes, 0, torch.long),
-                    _pad([e["obj_conf"] for e in examples], n_boxes, 0, torch.float32)),
-            "attr": (_pad([e["attr_ids"] for e in examples], n_boxes, 0, torch.long),
-                     _pad([e["attr_conf"] for e in examples], n_boxes, 0, torch.float32)),
-            "feat": (_pad([e["feat_target"] for e in examples], n_boxes, 0, feat_dtype),
-                     _pad([e["feat_mask"] for e in examples], n_boxes, 0, torch.float32)),
+            "obj": (pad([e["obj_ids"] for e in examples], n_boxes, torch.long),
+                    pad([e["obj_conf"] for e in examples], n_boxes, torch.float32)),
+            "attr": (pad([e["attr_ids"] for e in examples], n_boxes, torch.long),
+                     pad([e["attr_conf"] for e in examples], n_boxes, torch.float32)),
+            "feat": (pad([e["feat_target"] for e in examples], n_boxes, feat_dtype),
+                     pad([e["feat_mask"] for e in examples], n_boxes, torch.float32)),
         },
         "matched_label": torch.tensor([e["matched"] for e in examples], dtype=torch.long),
         "ans": ans if bool((ans != IGNORE).any()) else None,
     }
+    batch["target_rows"] = target_rows(batch["labels"], batch["obj_labels"], batch["ans"])
+    return batch
 
 
 # ----------------------------------------------------------------------------- config and model
@@ -379,14 +357,11 @@ class PretrainConfig:
 def model_config(cfg: PretrainConfig, feature_dim: int, num_answers: int, base: Any = None) -> Any:
     """The network's config: `base` (a checkpoint's) or the `model` preset / file, with the
     objective switches, data sizes and dropout of this run applied."""
-    config = dataclasses.replace(base) if base is not None else model_config_from(cfg.model)
-    config.visual_feat_dim = feature_dim
+    config = network_config(base, cfg.model, feature_dim, cfg.dropout)
     config.num_qa_labels = num_answers
     config.task_mask_lm, config.task_matched, config.task_qa = cfg.mlm, cfg.matched, cfg.qa
     config.task_obj_predict = cfg.obj or cfg.attr or cfg.feat
     config.visual_obj_loss, config.visual_attr_loss, config.visual_feat_loss = cfg.obj, cfg.attr, cfg.feat
-    if cfg.dropout is not None:
-        config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg.dropout
     return config
 
 
@@ -412,11 +387,7 @@ def build_model(cfg: PretrainConfig, feature_dim: int, num_answers: int, vocab_s
     """
     from model import LxmertForPreTraining
 
-    state, base = read_checkpoint(cfg.init_from, "init_from") if cfg.init_from else ({}, None)
-    if cfg.init_from and base is None:  # an original *_LXRT.pth: sizes from the weights, head count from `model`
-        from model.checkpoint import infer_config
-        base = infer_config(state, source=f"init_from: {cfg.init_from}",
-                            num_attention_heads=model_config_from(cfg.model).num_attention_heads)
+    state, base = read_init(cfg.init_from, cfg.model)
     config = model_config(cfg, feature_dim, num_answers, base)
     if vocab_size is not None:
         fit_vocab(config, vocab_size, bool(cfg.init_from), cfg.init_from or "model")
@@ -430,16 +401,6 @@ def build_model(cfg: PretrainConfig, feature_dim: int, num_answers: int, vocab_s
 
 
 # ----------------------------------------------------------------------------- step and evaluation
-
-LOSS_NAMES = ("mlm", "matched", "obj", "attr", "feat", "qa")
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The network's input arguments from a collated batch (features cast to float32 on device)."""
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "token_type_ids": batch["token_type_ids"], "visual_feats": batch["visual_feats"].float(),
-            "visual_pos": batch["visual_pos"], "visual_attention_mask": batch["visual_attention_mask"]}
-
 
 def targets(batch: dict[str, Any], cfg: PretrainConfig, epoch: int) -> dict[str, Any]:
     """The objective targets to hand the network: switched-off objectives get None."""
@@ -457,7 +418,7 @@ def targets(batch: dict[str, Any], cfg: PretrainConfig, epoch: int) -> dict[str,
 def make_step(cfg: PretrainConfig) -> StepFn:
     """The loop's step function: forward with targets, the total loss and each objective's part."""
     def step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> StepOutput:
-        out = model(**model_inputs(batch), **targets(batch, cfg, ctx.epoch))
+        out = model(**model_inputs(batch), **targets(batch, cfg, ctx.epoch), rows=batch["target_rows"])
         return StepOutput(out.loss, dict(getattr(out, "losses", None) or {}))
     return step
 
@@ -475,19 +436,20 @@ def evaluate(model: nn.Module, dataset: PretrainDataset, indices: Sequence[int],
     loader = DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
                         num_workers=cfg.train.num_workers, collate_fn=collate_pretrain,
                         generator=epoch_generator(cfg.train.seed, 0, env.rank))
-    names = ["loss", *LOSS_NAMES, "matched_accuracy", "qa_score"]
+    names = ["loss", *OBJECTIVES, "matched_accuracy", "qa_score"]
     sums = torch.zeros(len(names), dtype=torch.float64, device=env.device)
     counts = torch.zeros(len(names), dtype=torch.float64, device=env.device)
-    for batch in loader:
-        batch = to_device(batch, env.device)
+    qa_hits, qa_rows = 0.0, 0  # summed on the host: the rows and example indices come from the host batch
+    for host in loader:
+        batch = to_device(host, env.device)
         given = targets(batch, cfg, epoch)
         with autocast(cfg.train.amp, env.device):
-            out = model(**model_inputs(batch), **given)
+            out = model(**model_inputs(batch), **given, rows=batch["target_rows"])
         n = len(batch["ids"])
         sums[0] += out.loss.double() * n
         counts[0] += n
         for k, value in (getattr(out, "losses", None) or {}).items():
-            if k in LOSS_NAMES:
+            if k in OBJECTIVES:
                 sums[names.index(k)] += value.double() * n
                 counts[names.index(k)] += n
         if given["matched_label"] is not None:
@@ -496,16 +458,15 @@ def evaluate(model: nn.Module, dataset: PretrainDataset, indices: Sequence[int],
             counts[names.index("matched_accuracy")] += n
         if given["ans"] is not None:
             # with targets the network scores only rows with an answer (matched, labelled pairs)
-            rows = (given["ans"] >= 0).nonzero().flatten().tolist()
-            preds = out.question_answering_score.argmax(-1).tolist()
+            rows = host["target_rows"]["qa"].tolist()
+            preds = out.question_answering_score.argmax(-1).tolist()  # one copy to the host per batch
             for row, pred in zip(rows, preds):
-                answers, scores = dataset.corpus.label(int(batch["index"][row]))
+                answers, scores = dataset.corpus.label(int(host["index"][row]))
                 hit = scores[answers == pred]
-                sums[-1] += float(hit[0]) if len(hit) else 0.0
-                counts[-1] += 1
-    if env.world_size > 1:
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
+                qa_hits += float(hit[0]) if len(hit) else 0.0
+                qa_rows += 1
+    sums[-1], counts[-1] = qa_hits, qa_rows
+    all_reduce_sum(env, sums, counts)
     return {f"valid_{k}": float(sums[i] / counts[i]) for i, k in enumerate(names) if counts[i] > 0}
 
 
@@ -517,47 +478,42 @@ def pretrain_table(path: str | None, qa_sets: Sequence[str] = ()) -> AnswerTable
     return table.subset(qa_sets) if qa_sets else table
 
 
+def valid_evaluation(cfg: PretrainConfig, stores: Sequence[FeatureReader], tokenizer: Any, table: AnswerTable,
+                     env: DistEnv) -> Callable[[nn.Module, int], dict[str, float]]:
+    """The loop's eval_fn: `evaluate` on the valid corpus (at most `valid_examples`, a fixed sample)."""
+    valid_set = PretrainDataset(PretrainCorpus(cfg.valid_corpus, stores, table), stores, tokenizer, cfg,
+                                cfg.train.seed + 1)
+    indices = np.arange(len(valid_set))
+    if cfg.valid_examples:
+        shuffled = np.random.default_rng(cfg.train.seed).permutation(indices)
+        indices = np.sort(shuffled[: cfg.valid_examples])
+    micro = max(cfg.train.batch_size // (env.world_size * cfg.train.grad_accum), 1)
+
+    def eval_fn(model: nn.Module, epoch: int) -> dict[str, float]:
+        return evaluate(model, valid_set, indices, cfg, env, micro, epoch)
+
+    return eval_fn
+
+
 def run(cfg: PretrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
     """Pretrain as `cfg` says; writes the run's outputs under cfg.train.output_dir and returns
     the metrics also written to metrics.json (rank 0)."""
-    cfg.validate()
-    env = env or init_distributed(cfg.train.device)
-    out = Path(cfg.train.output_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, out / "config.json")
-    torch.manual_seed(cfg.train.seed)
+    env, out = start_run(cfg, env)
     table = pretrain_table(cfg.answers, cfg.qa_sets)
     if env.is_main:
         table.save_pretrain(out / "answers.json")  # the QA head's rows, for fine-tuning
     stores = open_stores(cfg.features)
     tokenizer = load_tokenizer(cfg.vocab or vocab_beside(cfg.init_from))
-    masking = MaskingConfig(word_mask_rate=cfg.word_mask_rate, obj_mask_rate=cfg.obj_mask_rate,
-                            mismatch_rate=0.5 if cfg.matched else 0.0,
-                            max_seq_length=cfg.max_seq_length, max_boxes=cfg.max_boxes,
-                            static=cfg.static_masks)
     corpus = PretrainCorpus(cfg.corpus, stores, table)
     if len(corpus) == 0:
         raise ValueError(f"corpus: no sentence of {cfg.corpus} has an image in {cfg.features}")
-    train_set = PretrainDataset(corpus, stores, tokenizer, masking, cfg.train.seed)
-    eval_fn = None
-    if cfg.valid_corpus:
-        valid_corpus = PretrainCorpus(cfg.valid_corpus, stores, table)
-        valid_set = PretrainDataset(valid_corpus, stores, tokenizer, masking, cfg.train.seed + 1)
-        indices = np.arange(len(valid_set))
-        if cfg.valid_examples:
-            shuffled = np.random.default_rng(cfg.train.seed).permutation(indices)
-            indices = np.sort(shuffled[: cfg.valid_examples])
-        micro = max(cfg.train.batch_size // (env.world_size * cfg.train.grad_accum), 1)
-
-        def eval_fn(model: nn.Module, epoch: int) -> dict[str, float]:
-            return evaluate(model, valid_set, indices, cfg, env, micro, epoch)
-
+    train_set = PretrainDataset(corpus, stores, tokenizer, cfg, cfg.train.seed)
+    eval_fn = valid_evaluation(cfg, stores, tokenizer, table, env) if cfg.valid_corpus else None
     model = build_model(cfg, stores[0].feature_dim, len(table), len(tokenizer.vocab),
                         detector_label_counts(stores))
     result = train(model, train_set, cfg.train, collate_fn=collate_pretrain, step_fn=make_step(cfg),
                    export_fn=export_with_vocab(tokenizer_tokens(tokenizer)),
-                   loss_names=LOSS_NAMES, eval_fn=eval_fn,
+                   loss_names=OBJECTIVES, eval_fn=eval_fn,
                    best_metric=("valid_loss", "min") if eval_fn else None,
                    extra={"model_config": model.config.to_dict()}, env=env)
     metrics = {"step": result.step, "epoch": result.epoch, "train": result.last_losses,
@@ -574,17 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m tasks.pretrain [--config cfg.json] [--flag value ...]`, also under torchrun."""
     cfg = parse_config(PretrainConfig, argv, prog="python -m tasks.pretrain",
                        description="LXMERT pretraining with the five objectives")
-    try:
-        env = init_distributed(cfg.train.device)
-        metrics = run(cfg, env)
-        if env.is_main:
-            print(json.dumps({"step": metrics["step"], "train": metrics["train"]}, indent=1))
-    except (CheckpointError, ConfigError) as err:  # weights or sizes that do not fit: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup_distributed()
-    return 0
+    return run_command(cfg, run, lambda m: {"step": m["step"], "train": m["train"]})
 
 
 if __name__ == "__main__":

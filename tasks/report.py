@@ -9,12 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.data.jsonstream import write_json_atomic, write_text_atomic
-from tasks.fileio import atomic_write
-
-TASKS = ("vqa", "gqa", "nlvr2")
-TITLES = {"vqa": "VQA v2 (accuracy, official)", "gqa": "GQA (accuracy, official)",
-          "nlvr2": "NLVR2 (accuracy)"}
+from extractor.fileio import atomic_write
+from extractor.jsonstream import write_json_atomic, write_text_atomic
+from tasks.benchmarks import BENCHMARKS
 
 
 def summarize(evaluations: dict[str, dict[str, dict[str, Any]]], detector: dict[str, Any] | None,
@@ -22,7 +19,7 @@ def summarize(evaluations: dict[str, dict[str, dict[str, Any]]], detector: dict[
     """summary.json: wall time, detector mAP and per task the pretrained / scratch / majority accuracy (%)."""
     summary: dict[str, Any] = {"seconds": round(seconds, 1),
                                "detector": {"map50": detector.get("map50") if detector else None}}
-    for task in TASKS:
+    for task in BENCHMARKS:
         runs = evaluations.get(task, {})
         any_run = next(iter(runs.values()), None)
         summary[task] = {"pretrained": runs["pretrained"]["accuracy"] if "pretrained" in runs else None,
@@ -87,9 +84,9 @@ def _fmt(value: Any) -> str:
 
 def _table(summary: dict[str, Any]) -> list[list[str]]:
     rows = [["task", "pretrained + fine-tuned", "from scratch", "majority answer"]]
-    for task in TASKS:
+    for task, benchmark in BENCHMARKS.items():
         s = summary[task]
-        rows.append([TITLES[task], _fmt(s["pretrained"]), _fmt(s["scratch"]), _fmt(s["majority"])])
+        rows.append([benchmark.title, _fmt(s["pretrained"]), _fmt(s["scratch"]), _fmt(s["majority"])])
     return rows + _grounding_rows(summary)
 
 

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from extractor.jsonstream import DataFormatError
 from tasks.data.answers import (
     CONTRACTIONS,
     AnswerTable,
@@ -21,7 +22,6 @@ from tasks.data.answers import (
     vqa_label,
     vqa_soft_score,
 )
-from tasks.data.jsonstream import DataFormatError
 from tasks.data.readers import VGQA, GQAQuestion, VQAAnnotation
 
 

@@ -13,10 +13,20 @@ from pathlib import Path
 import cv2
 import pytest
 
-from tasks.demo import COLORS, PRESETS, SHAPES, WorldConfig, generate_world, read_manifest, world_path
+from tasks.demo import (
+    COLORS,
+    PRESETS,
+    SHAPES,
+    SOURCES_FILE,
+    WorldConfig,
+    generate_world,
+    read_manifest,
+    world_path,
+)
 from tasks.demo import world as world_module
 from tasks.demo.__main__ import main as cli_main
 from tasks.demo.scene import PLURALS, nearest_color
+from tasks.demo.sources import DETECTOR_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny"]
@@ -125,7 +135,8 @@ def test_manifest_lists_every_file(world: Path) -> None:
     listed = paths(manifest["files"])
     assert all((world / p).exists() for p in listed)
     on_disk = {str(p.relative_to(world)) for p in world.rglob("*") if p.is_file() and p.suffix != ".png"}
-    assert on_disk == {p for p in listed if (world / p).is_file()} | {"world.json"}
+    # beside the manifest: the sources file naming what the pipeline reads, and the detector it trains
+    assert on_disk == {p for p in listed if (world / p).is_file()} | {"world.json", SOURCES_FILE, DETECTOR_CONFIG}
     with pytest.raises(KeyError, match="no files entry"):
         world_path(world, "vqa", "nope")
 

@@ -1,34 +1,24 @@
 """Detector training: losses, VOC mAP, weights that extraction loads, determinism, annotation errors."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from extractor.detector.config import DetectorConfig
+from extractor.detector.annotations import AnnotationError, read_vg_annotations
+from extractor.detector.config import DetectorConfig, save_config_yaml
+from extractor.detector.evaluation import average_precision, evaluate_map, match_detections
+from extractor.detector.losses import LossSettings, attribute_loss, detector_losses
 from extractor.detector.model import Detections, VGDetector
-from extractor.detector.train import (
-    AnnotationError,
-    DetectionDataset,
-    DetectionSample,
-    LossSettings,
-    attribute_loss,
-    average_precision,
-    demo_detector_config,
-    detector_losses,
-    evaluate_map,
-    init_frozen_norms,
-    main,
-    match_detections,
-    read_vg_annotations,
-    save_config_yaml,
-    train_detector,
-)
+from extractor.detector.samples import DetectionDataset, DetectionSample
+from extractor.detector.train import init_frozen_norms, main, train_detector
 from extractor.detector.weights import load_detectron2_weights
 from extractor.extract import extract_features
 from extractor.store import FeatureReader
+from tasks.demo.detector import demo_detector_config, write_detector_config
 
 SHAPES = ("square", "circle")
 COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220)}
@@ -190,6 +180,39 @@ def test_losses_decrease_and_trained_weights_extract(world, trained, tmp_path):
     assert np.all(np.isfinite(rec.features)) and rec.objects_id.max() < 2 and rec.attrs_id.max() < 3
 
 
+def test_trained_weights_travel_with_their_config_and_labels(world, trained, tmp_path):
+    """train_detector's folder is self-describing: moved elsewhere, its config names its labels beside it."""
+    _, weights = trained
+    moved = shutil.copytree(weights.parent, tmp_path / "moved")
+    text = (moved / "detector.yaml").read_text()
+    assert "OBJECTS: objects_vocab.txt" in text and "ATTRIBUTES: attributes_vocab.txt" in text
+    assert str(world) not in text and str(weights.parent) not in text
+    cfg = DetectorConfig.load(moved / "detector.yaml")
+    assert cfg == _beside(_config(world), moved)
+    image = world / "images" / "1000.png"
+    here = extract_features(image, weights, tmp_path / "a.h5", config=_config(world), boxes=3, num_workers=0,
+                            progress=False)
+    there = extract_features(image, moved / "detector.pkl", tmp_path / "b.h5", config=moved / "detector.yaml",
+                             boxes=3, num_workers=0, progress=False)
+    assert here["weights_sha256"] == there["weights_sha256"]
+    a, b = FeatureReader(tmp_path / "a.h5").get("1000"), FeatureReader(tmp_path / "b.h5").get("1000")
+    assert np.array_equal(a.features, b.features) and np.array_equal(a.objects_id, b.objects_id)
+
+
+def test_weights_without_their_config_say_which_config_to_pass(trained, world, tmp_path, capsys):
+    """The default config (VG-R101-C4) does not fit demo weights: one line naming the YAML beside them."""
+    from extractor.__main__ import main as extract_main
+    _, weights = trained
+    moved = shutil.copytree(weights.parent, tmp_path / "moved")
+    argv = ["--images", str(world / "images" / "1000.png"), "--weights", str(moved / "detector.pkl"),
+            "--output", str(tmp_path / "f.h5"), "--no-progress"]
+    assert extract_main(argv) == 1
+    assert capsys.readouterr().err == (
+        f"error: {moved / 'detector.pkl'} has 2 classes and 3 attributes; the config VG-R101-C4 has 1600 classes "
+        f"and 400 attributes: pass --config {moved / 'detector.yaml'}\n")
+    assert extract_main([*argv, "--config", str(moved / "detector.yaml")]) == 0
+
+
 def test_training_is_deterministic_with_a_seed(world, tmp_path):
     cfg = _config(world)
     kw = {"images": world / "images", "objects": world / "objects.json", "steps": 3, "batch_size": 2,
@@ -280,19 +303,28 @@ def test_demo_config_and_its_yaml(world, tmp_path):
     assert (cfg.pooler_type, cfg.pooler_sampling_ratio, cfg.rpn_post_nms_topk) == ("ROIAlignV2", 1, 64)
     assert not cfg.stride_in_1x1 and cfg.pixel_std != (1.0, 1.0, 1.0)
     path = save_config_yaml(cfg, tmp_path / "demo.yaml")
-    assert DetectorConfig.load(path) == cfg
+    assert DetectorConfig.load(path) == _beside(cfg, tmp_path)
+    assert write_detector_config(tmp_path / "world.yaml", world / "objects_vocab.txt",
+                                 world / "attributes_vocab.txt", 128).read_text() == path.read_text()
+
+
+def _beside(cfg, folder):
+    """cfg with its label files named in `folder`, where a saved config copies them."""
+    return cfg.replace(object_labels=str(folder.resolve() / "objects_vocab.txt"),
+                       attribute_labels=str(folder.resolve() / "attributes_vocab.txt"))
 
 
 def test_command_line(world, tmp_path, capsys):
     out = tmp_path / "det.pkl"
     (tmp_path / "val.txt").write_text("1014\n1015\n")
+    config = write_detector_config(tmp_path / "preset" / "demo.yaml", world / "objects_vocab.txt",
+                                   world / "attributes_vocab.txt", 64)
     argv = ["--images", str(world / "images"), "--objects", str(world / "objects.json"), "--output", str(out),
-            "--demo", str(world / "objects_vocab.txt"), str(world / "attributes_vocab.txt"), "64",
-            "--val-ids", str(tmp_path / "val.txt"), "--steps", "2", "--no-progress"]
+            "--config", str(config), "--val-ids", str(tmp_path / "val.txt"), "--steps", "2", "--no-progress"]
     assert main(argv) == 0
     assert "2 steps on 14 images" in capsys.readouterr().out
     metrics = json.loads(out.with_suffix(".json").read_text())
     assert metrics["val_images"] == 2 and metrics["steps"] == 2
-    assert DetectorConfig.load(out.with_suffix(".yaml")) == _config(world)
+    assert DetectorConfig.load(out.with_suffix(".yaml")) == _beside(_config(world), tmp_path)
     assert main(argv[:-5] + ["--val-ids", str(tmp_path / "nope.txt"), "--no-progress"]) == 1
     assert "id list not found" in capsys.readouterr().err

@@ -93,6 +93,16 @@ def test_missing_misshaped_and_unexpected_keys_are_named(tmp_path):
     assert str(path) in msg
 
 
+def test_weights_of_a_named_config_name_it_when_another_config_is_given(tmp_path):
+    path = tmp_path / "w.pkl"
+    save_detectron2_weights(_tiny(1), path)
+    five = VGDetector(DetectorConfig.load("tiny").replace(name="five", num_classes=5, num_attributes=4))
+    with pytest.raises(WeightsError) as e:
+        load_detectron2_weights(five, path)
+    assert str(e.value) == (f"{path} has 1600 classes and 400 attributes; the config five has 5 classes and "
+                            "4 attributes: pass --config tiny")
+
+
 def test_harmless_keys_are_skipped_and_pixel_mean_is_checked(tmp_path):
     src = _tiny(1)
     arrays = _arrays(src)

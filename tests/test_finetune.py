@@ -9,14 +9,18 @@ import torch.nn.functional as F
 
 from extractor.store import FeatureReader
 from model.checkpoint import canonical_keys, tied_duplicates
+from tasks.benchmarks import read_nlvr2_predictions, read_vqa_predictions
+from tasks.benchmarks.datasets import collate_task
+from tasks.benchmarks.nlvr2 import NLVR2Dataset
+from tasks.benchmarks.qa import qa_loss
 from tasks.data.answers import AnswerTable, default_pretrain_table, default_vqa_table
 from tasks.data.readers import load_nlvr2_task
 from tasks.data.tokenization import load_tokenizer
 from tasks.demo.feature_world import write_world
-from tasks.finetune import FinetuneConfig, NLVR2Dataset, build_model, collate_task, qa_loss, run
-from tasks.metrics import read_nlvr2_predictions, read_vqa_predictions
+from tasks.finetune import FinetuneConfig, build_model, run
 from tasks.pretrain import PretrainConfig, model_config
-from tasks.training.loop import TrainConfig, save_checkpoint
+from tasks.training.checkpoints import save_checkpoint
+from tasks.training.loop import TrainConfig
 from tasks.training.weights import read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

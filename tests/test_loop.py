@@ -8,16 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tasks.training.loop import (
-    CheckpointWarning,
-    NonFiniteLossError,
-    StepOutput,
-    TrainConfig,
-    list_checkpoints,
-    load_latest_checkpoint,
-    save_checkpoint,
-    train,
-)
+from tasks.training.checkpoints import CheckpointWarning, list_checkpoints, load_latest_checkpoint, save_checkpoint
+from tasks.training.loop import NonFiniteLossError, StepOutput, TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

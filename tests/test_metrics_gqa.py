@@ -3,8 +3,8 @@ import json
 
 import pytest
 
+from tasks.benchmarks import PredictionError, gqa_metrics
 from tasks.data.readers import GQAChoices, read_gqa_choices, read_gqa_questions
-from tasks.metrics import PredictionError, gqa_metrics
 
 
 def q(image, question, answer, balanced, types, group=None, entailed=(), semantic=()):

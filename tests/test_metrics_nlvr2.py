@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data.jsonstream import DataFormatError
-from tasks.data.readers import nlvr2_group, read_nlvr2
-from tasks.metrics import (
+from extractor.jsonstream import DataFormatError
+from tasks.benchmarks import (
     PredictionError,
     nlvr2_metrics,
     read_gqa_predictions,
@@ -16,6 +15,7 @@ from tasks.metrics import (
     write_nlvr2_submission,
     write_vqa_submission,
 )
+from tasks.data.readers import nlvr2_group, read_nlvr2
 
 DEV = Path(__file__).parent / "data" / "nlvr2_dev.jsonl"
 

@@ -1,8 +1,8 @@
 """Official VQA accuracy (current and legacy rules) and LXMERT's soft score, on hand-worked cases."""
 import pytest
 
+from tasks.benchmarks import PredictionError, soft_score_accuracy, vqa_accuracy, vqa_question_accuracy
 from tasks.data.readers import VQAAnnotation
-from tasks.metrics import PredictionError, soft_score_accuracy, vqa_accuracy, vqa_question_accuracy
 
 
 def answers(*groups):

@@ -84,7 +84,8 @@ def test_losses_are_named_per_objective_and_sum_to_the_loss():
     out = LxmertForPreTraining(CFG).eval()(**make_inputs(), **make_targets())
     assert set(out.losses) == {"mlm", "matched", "obj", "attr", "feat", "qa"}
     assert abs(float(sum(out.losses.values()).detach()) - float(out.loss.detach())) < 1e-5
-    assert out.prediction_logits.shape == (B, CFG.vocab_size)  # one labelled position per sentence
+    assert out.masked_lm_logits.shape == (B, CFG.vocab_size)  # one labelled position per sentence
+    assert out.prediction_logits is None  # full-shaped or nothing: with labels only the masked positions run
     assert out.question_answering_score.shape == (2, CFG.num_qa_labels)  # two valid answers
 
 
@@ -92,7 +93,7 @@ def test_no_labelled_word_gives_zero_not_nan():
     targets = {"labels": torch.full((B, L), -100), "ans": torch.full((B,), -1)}
     out = LxmertForPreTraining(CFG).eval()(**make_inputs(), **targets)
     assert float(out.losses["mlm"].detach()) == 0.0 and float(out.losses["qa"].detach()) == 0.0
-    assert out.prediction_logits.shape == (0, CFG.vocab_size)
+    assert out.masked_lm_logits.shape == (0, CFG.vocab_size)
 
 
 def test_padded_boxes_and_tokens_do_not_leak():
@@ -170,6 +171,7 @@ def test_device_follows_inputs():
     out = model(**inputs)
     assert out.prediction_logits.device.type == "meta"
     assert out.prediction_logits.shape == (B, L, CFG.vocab_size)
+    assert out.masked_lm_logits is None
     assert out.question_answering_score.shape == (B, CFG.num_qa_labels)
 
 
@@ -218,3 +220,28 @@ def test_cpu_attention_with_dropout_is_sdpa_math(monkeypatch):
     ours = attention(x, context, mask)
     attention.dropout_p = 0.0
     torch.testing.assert_close(ours, attention(x, context, mask), atol=1e-6, rtol=1e-5)
+
+
+def test_fast_cpu_dropout_switched_off_uses_the_native_kernels():
+    """One switch turns the CPU speed path off: dropout and attention then draw torch's own masks."""
+    import torch.nn.functional as F
+
+    import model.layers as layers
+
+    attention = layers.Attention(dataclasses.replace(CFG, attention_probs_dropout_prob=0.1)).train()
+    x, context = torch.randn(B, L, 32), torch.randn(B, O, 32)
+    assert layers.set_fast_cpu_dropout(False) is True  # on by default
+    try:
+        torch.manual_seed(3)
+        ours = layers.dropout(x, 0.1, True), attention(x, context)
+        torch.manual_seed(3)
+        native = torch.native_dropout(x, 0.1, True)[0]
+        q, k, v = (attention.split_heads(f(t)) for f, t in
+                   ((attention.query, x), (attention.key, context), (attention.value, context)))
+        sdpa = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1).transpose(1, 2).flatten(2)
+    finally:
+        assert layers.set_fast_cpu_dropout(True) is False
+    assert torch.equal(ours[0], native)
+    assert torch.equal(ours[1], sdpa)
+    torch.manual_seed(3)
+    assert not torch.equal(layers.dropout(x, 0.1, True), native)  # back on: the 16-bit masks

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from extractor.jsonstream import DataFormatError
 from tasks.data.answers import AnswerTable, default_vqa_table
-from tasks.data.jsonstream import DataFormatError
 from tasks.data.preprocess import (
     CORPUS_SPLITS,
     build_gqa_task,

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from extractor.jsonstream import DataFormatError
 from extractor.store import FeatureReader
 from tasks.data.answers import AnswerTable, default_pretrain_table
-from tasks.data.jsonstream import DataFormatError
 from tasks.data.tokenization import load_tokenizer
 from tasks.demo.feature_world import write_world
 from tasks.pretrain import (
     IGNORE,
-    MaskingConfig,
     PretrainConfig,
     PretrainCorpus,
     PretrainDataset,
@@ -113,7 +112,7 @@ def test_example_targets_match_the_store_and_the_sentence(world, tokenizer):
     store = FeatureReader(world.features)
     table = default_pretrain_table()
     corpus = PretrainCorpus([world.corpus], [store], table)
-    data = PretrainDataset(corpus, [store], tokenizer, MaskingConfig(), seed=3)
+    data = PretrainDataset(corpus, [store], tokenizer, PretrainConfig(), seed=3)
     seen_mismatch = seen_match = 0
     for i in range(len(data)):
         ex = data[i]
@@ -148,8 +147,8 @@ def test_example_targets_match_the_store_and_the_sentence(world, tokenizer):
 def test_examples_are_a_function_of_seed_epoch_and_index(world, tokenizer):
     store = FeatureReader(world.features)
     corpus = PretrainCorpus([world.corpus], [store], default_pretrain_table())
-    a = PretrainDataset(corpus, [store], tokenizer, MaskingConfig(), seed=1)
-    b = PretrainDataset(corpus, [store], tokenizer, MaskingConfig(), seed=1)
+    a = PretrainDataset(corpus, [store], tokenizer, PretrainConfig(), seed=1)
+    b = PretrainDataset(corpus, [store], tokenizer, PretrainConfig(), seed=1)
     for i in (5, 0, 5):
         assert all(np.array_equal(a[i][k], b[i][k]) for k in ("input_ids", "labels", "visual_feats"))
     a.set_epoch(1)
@@ -159,7 +158,7 @@ def test_examples_are_a_function_of_seed_epoch_and_index(world, tokenizer):
 def test_collate_pads_words_and_boxes_with_zero_weight(world, tokenizer):
     store = FeatureReader(world.features)
     corpus = PretrainCorpus([world.corpus], [store], default_pretrain_table())
-    data = PretrainDataset(corpus, [store], tokenizer, MaskingConfig(word_mask_rate=0.0), seed=1)
+    data = PretrainDataset(corpus, [store], tokenizer, PretrainConfig(word_mask_rate=0.0), seed=1)
     batch = collate_pretrain([data[0], data[4]])  # image 0 has 8 boxes, image 1 has 6
     assert batch["visual_feats"].shape == (2, 8, 16) and batch["visual_feats"].dtype == torch.float16
     assert batch["visual_attention_mask"][1].tolist() == [1] * 6 + [0] * 2
@@ -173,7 +172,7 @@ def test_collate_pads_words_and_boxes_with_zero_weight(world, tokenizer):
 def test_switched_off_objectives_and_late_qa_give_no_targets(world, tokenizer):
     store = FeatureReader(world.features)
     corpus = PretrainCorpus([world.corpus], [store], default_pretrain_table())
-    data = PretrainDataset(corpus, [store], tokenizer, MaskingConfig(), seed=0)
+    data = PretrainDataset(corpus, [store], tokenizer, PretrainConfig(), seed=0)
     batch = collate_pretrain([data[i] for i in range(16)])
     cfg = PretrainConfig(mlm=False, obj=False, attr=False, feat=False, qa_from_epoch=2)
     t = targets(batch, cfg, epoch=1)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data.jsonstream import DataFormatError
+from extractor.jsonstream import DataFormatError
 from tasks.data.readers import (
     coco_img_id,
     load_gqa_task,

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.data.jsonstream import (
+from extractor.jsonstream import (
     DataFormatError,
     iter_array,
     iter_jsonl,

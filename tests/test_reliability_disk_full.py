@@ -14,7 +14,7 @@ import pytest
 from faults import ENV, Faults, sitecustomize_dir
 from pipeline_helpers import REPO, run_luigi, sample_images, tiny_detector_weights, write_config
 
-from extractor.tsv import import_tsv
+from extractor.store.tsv import import_tsv
 
 CONFIG = """
 [core]
@@ -166,7 +166,7 @@ def test_real_full_tmpfs_fails_cleanly_in_a_part_and_in_finalize_and_recovers(tm
         done = extract(tmp_path, out)
         assert done.returncode == 1, (done.returncode, done.stderr[-3000:])  # an exception, no segfault (139)
         last = done.stderr.strip().splitlines()[-1]
-        assert last == (f"tasks.fileio.WriteError: cannot write {tmpfs}/{failing}: No space left on device "
+        assert last == (f"extractor.fileio.WriteError: cannot write {tmpfs}/{failing}: No space left on device "
                         "(ENOSPC); free space and rerun: finished work is kept"), done.stderr[-3000:]
         assert temporaries(tmpfs) == [] and not out.exists()
         if failing == "features.h5":

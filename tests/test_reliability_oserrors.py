@@ -20,11 +20,11 @@ from pipeline_helpers import feature_arrays
 from torch import nn
 
 from extractor.detector.weights import save_detectron2_weights
+from extractor.fileio import WriteError, append_text, atomic_directory, atomic_write, write_error
+from extractor.jsonstream import write_json_atomic
 from extractor.store import FeatureWriter, ImageFeatures, merge, remove_stale_parts
-from extractor.tsv import export_tsv
-from tasks.data.jsonstream import write_json_atomic
-from tasks.fileio import WriteError, append_text, atomic_directory, atomic_write, write_error
-from tasks.training.loop import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from extractor.store.tsv import export_tsv
+from tasks.training.checkpoints import list_checkpoints, load_latest_checkpoint, save_checkpoint
 
 N, FLUSH = 23, 5
 IDS = [f"img{i:04d}" for i in range(N)]
@@ -357,8 +357,8 @@ def test_checkpoint_save_failure_keeps_the_earlier_checkpoints(tmp_path, monkeyp
 def test_tensorboard_errors_name_its_folder(tmp_path, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 
-    from tasks.training.loop import _Logs
-    logs = _Logs(tmp_path, ["loss"], None, tensorboard=True)
+    from tasks.training.logs import RunLogs
+    logs = RunLogs(tmp_path, ["loss"], None, tensorboard=True)
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -374,7 +374,7 @@ def test_tensorboard_errors_name_its_folder(tmp_path, monkeypatch):
 def test_safetensors_export_names_the_file(tmp_path, monkeypatch):
     from model import LxmertConfig, LxmertForQuestionAnswering
     from model.checkpoint import SAFETENSORS_NAME
-    from tasks.training.loop import export_model
+    from tasks.training.checkpoints import export_model
     from tasks.training.weights import MODEL_PRESETS
 
     model = LxmertForQuestionAnswering(LxmertConfig(**{**MODEL_PRESETS["tiny"], "num_qa_labels": 3}))
@@ -402,9 +402,8 @@ def test_safetensors_export_names_the_file(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- detector weights, detector files, demo world
 
 def test_detector_weights_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
-    from extractor.detector.config import DetectorConfig
+    from extractor.detector.config import DetectorConfig, save_config_yaml
     from extractor.detector.model import VGDetector
-    from extractor.detector.train import save_config_yaml
 
     torch.manual_seed(0)
     model = VGDetector(DetectorConfig.load("tiny"))

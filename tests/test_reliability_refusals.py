@@ -26,7 +26,7 @@ from pipeline.detector import TrainDetector
 from pipeline.features import ExtractFeatures, ValidateFeatures
 from pipeline.training import FinetuneVQA, PretrainLXMERT
 from tasks.demo.feature_world import write_world
-from tasks.training.loop import CheckpointWarning, load_latest_checkpoint, save_checkpoint
+from tasks.training.checkpoints import CheckpointWarning, load_latest_checkpoint, save_checkpoint
 from tasks.training.weights import read_checkpoint
 
 
@@ -186,11 +186,11 @@ CASES = {
     "raw VQA val files not given": (
         lambda t, f: BuildVQAData(train_questions=[str(_write(t, "q.json", "{}"))],
                                   train_annotations=[str(t / "q.json")]),
-        ["BuildVQAData: parameter 'val_questions' is required", "parameter 'val_annotations' is required"]),
+        ["BuildVQAData: parameter 'valid_questions' is required", "parameter 'valid_annotations' is required"]),
     "NLVR2 JSON lines with a bad line": (
         lambda t, f: BuildNLVR2Data(train=str(_write(t, "train.json", '{"a": 1}\n{"a": \n')),
                                     valid=str(_write(t, "dev.json", '{"a": 1}\n'))),
-        ["BuildNLVR2Data: parameter 'train'", "train.json: line 2: invalid JSON"]),
+        ["BuildNLVR2Data: parameter 'train_statements' (given as 'train')", "train.json: line 2: invalid JSON"]),
     "minival id list is not a list": (
         lambda t, f: BuildPretrainCorpus(coco_captions=[str(_write(t, "cap.json", "{}"))],
                                          minival=str(_write(t, "minival.json", '{"ids": 1}'))),

@@ -16,7 +16,16 @@ import pytest
 from pipeline_helpers import REPO, env_for, luigi_cmd, write_config
 
 import extractor.store as store
-from extractor.store import FeatureReader, FeatureStoreError, FeatureWriter, ImageFeatures, merge, validate
+from extractor.store import (
+    FeatureReader,
+    FeatureStoreError,
+    FeatureWriter,
+    ImageFeatures,
+    blocks,
+    merge,
+    validate,
+    validation,
+)
 
 K, D = 4, 8
 STR = h5py.string_dtype("utf-8")
@@ -81,7 +90,7 @@ CHILD = textwrap.dedent("""
     import extractor.store as store
     action, path, other, block = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     if block:
-        store._BLOCK_BYTES = block
+        store.blocks.BLOCK_BYTES = block
 
     def status(field):  # bytes; VmHWM is this image's peak RSS (ru_maxrss starts at the forking parent's)
         return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -161,8 +170,8 @@ def test_validate_finds_duplicates_exactly_across_blocks(tmp_path, monkeypatch):
         ids = f["img_id"].asstr()[()]
         ids[40], ids[41], ids[49], ids[3] = "im2", "im2", "im7", ""
         f["img_id"][...] = ids.astype(object)
-    monkeypatch.setattr(store, "_BLOCK_BYTES", 1)  # every id in its own block
-    monkeypatch.setattr(store, "_REPEAT_BATCH", 1)  # one repeated hash per pass over the ids
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 1)  # every id in its own block
+    monkeypatch.setattr(blocks, "REPEAT_BATCH", 1)  # one repeated hash per pass over the ids
     assert validate(path) == ["img_id has duplicates: 2 id(s), e.g. im2, im7", "img_id has empty strings"]
 
 
@@ -173,14 +182,14 @@ def test_validate_splits_an_image_along_its_boxes(tmp_path, monkeypatch):
         f["attrs_id"][1, 3] = 9  # and in the second box block too: still one image
         f["boxes"][2, 0, 2] = 500.0  # outside the image, first box block
     calls = []
-    real = store._check_block
+    real = validation._check_block
 
     def spy(f, rows, boxes, *args):
         calls.append((rows.stop - rows.start, boxes.stop - boxes.start))
         return real(f, rows, boxes, *args)
 
-    monkeypatch.setattr(store, "_check_block", spy)
-    monkeypatch.setattr(store, "_BLOCK_BYTES", 2 * (D * 7 + store._BOX_BYTES))  # two boxes of an image
+    monkeypatch.setattr(validation, "_check_block", spy)
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 2 * (D * 7 + blocks.BOX_BYTES))  # two boxes of an image
     assert validate(path) == ["rows past num_boxes are not zero: 1 image(s), e.g. im1",
                               "boxes are not pixel x1 y1 x2 y2 inside the image: 1 image(s), e.g. im2"]
     assert calls == [(1, 2)] * 6
@@ -348,7 +357,7 @@ def test_finalize_and_merge_blocks_count_the_chunks_they_touch(tmp_path, monkeyp
         return real(self, key, value)
 
     monkeypatch.setattr(h5py.Dataset, "__setitem__", spy)
-    monkeypatch.setattr(store, "_BLOCK_BYTES", 3 * store._CHUNK_BYTES * len(store._PER_BOX))
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 3 * blocks.CHUNK_BYTES * len(store.schema.PER_BOX))
     paths = []
     for s in range(2):
         with FeatureWriter(tmp_path / f"s{s}.h5", max_boxes=K, feature_dim=D, flush_every=2) as w:

@@ -102,8 +102,8 @@ def test_validate_expected_sizes_and_missing_file(good, tmp_path):
 
 
 def test_validate_streams_in_blocks(good, monkeypatch):
-    import extractor.store as store
-    monkeypatch.setattr(store, "_BLOCK_BYTES", 1)  # one image per block
+    from extractor.store import blocks
+    monkeypatch.setattr(blocks, "BLOCK_BYTES", 1)  # one image per block
     damage(good, lambda f: f["features"].__setitem__((3, 4, 0), 2.0))
     assert validate(good) == ["rows past num_boxes are not zero: 1 image(s), e.g. im3"]
 

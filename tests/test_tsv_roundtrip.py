@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extractor.store import FeatureReader, FeatureStoreError, FeatureWriter, ImageFeatures, validate
-from extractor.tsv import TsvError, export_tsv, import_tsv, read_tsv
+from extractor.store.tsv import TsvError, export_tsv, import_tsv, read_tsv
 
 SAMPLE = Path(__file__).parent / "data" / "train2014_obj36_sample.tsv"
 

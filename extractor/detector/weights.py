@@ -7,11 +7,11 @@ cannot run code; torch files go through ``torch.load(weights_only=True)``.
 Keys outside the model's own names are an error, except these harmless ones, which are skipped:
 ``*.num_batches_tracked`` (BatchNorm bookkeeping), ``proposal_generator.anchor_generator.cell_anchors.*``
 (anchors, recomputed from the config) and ``pixel_mean`` / ``pixel_std`` (checked against the config:
-a different normalisation means the wrong config for these weights).
+a different normalisation means the wrong config for these weights). Weights that do not fit the
+config say which config to pass when one fits them: the YAML that travels with them, or a named one.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import pickle
@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.fileio import atomic_output
+from extractor.detector.config import NAMED_CONFIGS, ConfigError, DetectorConfig
+from extractor.detector.model import VGDetector
+from extractor.fileio import atomic_output, file_sha256
 
 __all__ = ["WeightsError", "UnsafePickleError", "safe_load_pickle", "load_detectron2_weights",
            "save_detectron2_weights", "read_weights", "file_sha256"]
@@ -87,15 +89,6 @@ def safe_load_pickle(path: str | Path) -> Any:
         return _RestrictedUnpickler(f, str(path)).load()
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in chunks (weights files are hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _is_torch_file(path: Path) -> bool:
     if zipfile.is_zipfile(path):
         return True
@@ -141,22 +134,72 @@ def _check_normalisation(model: nn.Module, weights: dict[str, Any], path: Path) 
                                    f"{ours.tolist()}: wrong config for these weights?")
 
 
-def load_detectron2_weights(model: nn.Module, path: str | Path) -> str:
-    """Load Detectron2-named weights into model, strictly; returns the file's SHA-256 (hex)."""
-    path = Path(path)
-    weights = read_weights(path)
-    expected = model.state_dict()
+def _fit_problems(expected: dict[str, tuple[int, ...]], weights: dict[str, Any]) -> list[str]:
+    """What keeps `weights` from loading into a model of these parameter shapes: missing, mis-shaped and
+    unexpected keys, ten of each named."""
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected and not _harmless(k)
                   and k not in ("pixel_mean", "pixel_std")]
-    shaped = [f"{k} {tuple(weights[k].shape)} (model wants {tuple(v.shape)})"
-              for k, v in expected.items() if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    shaped = [f"{k} {tuple(weights[k].shape)} (model wants {v})"
+              for k, v in expected.items() if k in weights and tuple(weights[k].shape) != v]
     problems = []
     for what, names in (("missing key(s)", missing), ("mis-shaped key(s)", shaped),
                         ("unexpected key(s)", unexpected)):
         if names:
             more = f" ... and {len(names) - 10} more" if len(names) > 10 else ""
             problems.append(f"{len(names)} {what}: " + ", ".join(names[:10]) + more)
+    return problems
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The model's parameter and buffer shapes by name."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _heads(shapes: dict[str, tuple[int, ...]]) -> str:
+    """"N classes and M attributes" from the predictor's shapes (each has a background / none row)."""
+    classes = shapes.get("roi_heads.box_predictor.cls_score.weight", (0,))[0] - 1
+    attributes = shapes.get("roi_heads.box_predictor.attr_score.weight", (0,))[0] - 1
+    return f"{classes} classes and {attributes if attributes >= 0 else 'no'} attributes"
+
+
+def _fitting_config(weights: dict[str, Any], path: Path, current: DetectorConfig) -> str | None:
+    """The config to pass for these weights: a YAML travelling with them (``<stem>.yaml`` or ``config.yaml``
+    beside them, as train_detector and TrainDetector write), else a named config they fit; None if none."""
+    candidates: list[str | Path] = [p for p in dict.fromkeys((path.with_suffix(".yaml"), path.parent / "config.yaml"))
+                                    if p.is_file()]
+    for candidate in [*candidates, *NAMED_CONFIGS]:
+        try:
+            cfg = DetectorConfig.load(candidate)
+        except (ConfigError, OSError):
+            continue
+        if cfg == current:
+            continue
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            shapes = _shapes(VGDetector(cfg))
+        if not _fit_problems(shapes, weights):
+            return str(candidate)
+    return None
+
+
+def load_detectron2_weights(model: nn.Module, path: str | Path) -> str:
+    """Load Detectron2-named weights into model, strictly; returns the file's SHA-256 (hex).
+
+    Weights that do not fit a VGDetector's config say which config to pass when one fits them: the YAML
+    that travels with them, or a named one.
+    """
+    path = Path(path)
+    weights = read_weights(path)
+    expected = model.state_dict()
+    shapes = _shapes(model)
+    problems = _fit_problems(shapes, weights)
+    current = getattr(model, "cfg", None)
+    hint = _fitting_config(weights, path, current) if problems and isinstance(current, DetectorConfig) else None
+    if hint is not None:
+        theirs = {k: tuple(v.shape) for k, v in weights.items()}
+        differs = (f"{path} has {_heads(theirs)}; the config {current.name} has {_heads(shapes)}"
+                   if _heads(theirs) != _heads(shapes) else f"{path} does not fit the config {current.name}")
+        raise WeightsError(f"{differs}: pass --config {hint}")
     if problems:
         raise WeightsError(f"{path}: does not fit the model: " + "; ".join(problems))
     _check_normalisation(model, weights, path)

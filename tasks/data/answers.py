@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tasks.data.jsonstream import DataFormatError, load_json, write_json_atomic
+from extractor.jsonstream import DataFormatError, load_json, write_json_atomic
 
 if TYPE_CHECKING:
     from tasks.data.readers import VGQA, GQAQuestion, VQAAnnotation

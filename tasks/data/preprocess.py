@@ -9,8 +9,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from extractor.jsonstream import DataFormatError, load_json, write_json_atomic
 from tasks.data.answers import AnswerTable, vqa_label
-from tasks.data.jsonstream import DataFormatError, load_json, write_json_atomic
 from tasks.data.readers import (
     nlvr2_img_ids,
     read_coco_captions,

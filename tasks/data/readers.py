@@ -1,6 +1,6 @@
 """Readers of the datasets' own files (COCO, Visual Genome, VQA v2, GQA, NLVR2) and of LXMERT's json.
 
-Large files are streamed record by record (tasks.data.jsonstream). Every reader yields small frozen
+Large files are streamed record by record (extractor.jsonstream). Every reader yields small frozen
 records with the img_id the feature extractor writes for the same image (its file stem):
 COCO `COCO_train2014_000000132417`, Visual Genome and GQA the image number as a string, NLVR2
 `dev-850-0-img0`. Malformed input raises DataFormatError naming the file and the record.
@@ -14,79 +14,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.data.jsonstream import DataFormatError, iter_array, iter_jsonl, iter_members, iter_object, load_json
+# The Visual Genome objects reader and the image-id conventions live with the extractor, whose detector
+# trains on them (extractor never imports tasks); they are re-exported here with the other readers.
+from extractor.detector.annotations import VGImageObjects as VGImageObjects
+from extractor.detector.annotations import VGObject as VGObject
+from extractor.detector.annotations import read_vg_objects as read_vg_objects
+from extractor.detector.annotations import vg_image_id as _vg_image
+from extractor.detector.annotations import vg_records as _vg_images
+from extractor.images import coco_img_id as coco_img_id
+from extractor.images import read_img_id_list as read_img_id_list
+from extractor.jsonstream import At as _At
+from extractor.jsonstream import DataFormatError, iter_array, iter_jsonl, iter_members, iter_object
+from extractor.jsonstream import field as _get
+from extractor.jsonstream import first_field as _first_key
+from extractor.jsonstream import is_kind as _check
+from extractor.jsonstream import str_list as _str_list
 
 PathLike = str | os.PathLike[str]
-
-# ---------------------------------------------------------------------------------------------
-# Field checks
-
-
-class _At:
-    """Where a record sits (file + a description formatted only when an error needs it)."""
-
-    __slots__ = ("path", "fmt", "args")
-
-    def __init__(self, path: Path, fmt: str, *args: Any) -> None:
-        self.path, self.fmt, self.args = path, fmt, args
-
-    @property
-    def where(self) -> str:
-        return self.fmt.format(*self.args)
-
-    def error(self, msg: str) -> DataFormatError:
-        return DataFormatError(f"{self.path}: {self.where}: {msg}")
-
-
-_KINDS: dict[str, tuple[type, ...]] = {
-    "str": (str,), "int": (int,), "number": (int, float), "list": (list,), "dict": (dict,), "bool": (bool,),
-}
-
-
-def _check(value: Any, kind: str) -> bool:
-    return isinstance(value, _KINDS[kind]) and (kind == "bool" or not isinstance(value, bool))
-
-
-def _get(rec: Any, key: str, kind: str, at: _At, *, optional: bool = False) -> Any:
-    if not isinstance(rec, dict):
-        raise at.error(f"expected a JSON object, got {type(rec).__name__} {rec!r:.80}")
-    value = rec.get(key)
-    if value is None:
-        if optional:
-            return None
-        raise at.error(f"missing key {key!r}" if key not in rec else f"key {key!r} is null")
-    if not _check(value, kind):
-        raise at.error(f"key {key!r} should be {kind}, got {value!r:.80}")
-    return value
-
-
-def _first_key(rec: Any, keys: tuple[str, ...], kind: str, at: _At, *, optional: bool = False) -> Any:
-    for k in keys:
-        if isinstance(rec, dict) and rec.get(k) is not None:
-            return _get(rec, k, kind, at)
-    if optional:
-        return None
-    raise at.error(f"missing key {' or '.join(repr(k) for k in keys)}")
-
-
-def _str_list(rec: Any, key: str, at: _At) -> tuple[str, ...]:
-    values = _get(rec, key, "list", at, optional=True) or []
-    if not all(isinstance(v, str) for v in values):
-        raise at.error(f"key {key!r} should be a list of strings, got {values!r:.80}")
-    return tuple(values)
-
 
 # ---------------------------------------------------------------------------------------------
 # img_id conventions
 
 _COCO_SPLIT = re.compile(r"(train|val|test)20\d\d")
-
-
-def coco_img_id(image_id: int, split: str) -> str:
-    """The stem of a COCO 2014/2015 file name: COCO_<split>_<image id on 12 digits>."""
-    if split == "test-dev2015":  # VQA's test-dev questions are on test2015 images
-        split = "test2015"
-    return f"COCO_{split}_{image_id:012d}"
 
 
 def _split_from_name(path: Path) -> str | None:
@@ -187,48 +136,11 @@ class VGQA:
 
 
 @dataclass(frozen=True, slots=True)
-class VGObject:
-    object_id: int
-    x: float
-    y: float
-    w: float
-    h: float
-    names: tuple[str, ...]
-    attributes: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class VGImageObjects:
-    img_id: str
-    objects: tuple[VGObject, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class VGImage:
     img_id: str
     coco_id: int | None
     width: int | None
     height: int | None
-
-
-def _vg_image(rec: Any, at: _At, *, optional: bool = False) -> str | None:
-    # Releases differ: `image_id` (1.2+), `id` (1.0), or a nested `image` object.
-    key = _first_key(rec, ("image_id", "id"), "int", at, optional=True)
-    if key is None and isinstance(rec, dict) and isinstance(rec.get("image"), dict):
-        key = _first_key(rec["image"], ("image_id", "id"), "int", at, optional=True)
-    if key is None:
-        if optional:
-            return None
-        raise at.error("missing the image key ('image_id' or 'id')")
-    return str(key)
-
-
-def _vg_images(path: Path, *items_keys: str) -> Iterator[tuple[int, _At, str | None, list]]:
-    for i, rec in enumerate(iter_array(path)):
-        at = _At(path, "record {}", i)
-        key = next((k for k in items_keys if isinstance(rec, dict) and k in rec), items_keys[0])
-        items = _get(rec, key, "list", at)
-        yield i, at, _vg_image(rec, at, optional=True), items
 
 
 def read_vg_regions(path: PathLike) -> Iterator[VGRegion]:
@@ -258,31 +170,6 @@ def read_vg_qas(path: PathLike) -> Iterator[VGQA]:
                 question=_get(qa, "question", "str", at).strip(),
                 answer=_get(qa, "answer", "str", at).strip(),
             )
-
-
-def read_vg_objects(path: PathLike) -> Iterator[VGImageObjects]:
-    """Objects per image of objects.json or attributes.json.
-
-    Images are [{image_id|id, objects: [...]}]; Visual Genome's attributes.json keeps the same
-    objects under the key "attributes", which is read too.
-    """
-    path = Path(path)
-    for i, at, img, objs in _vg_images(path, "objects", "attributes"):
-        if img is None:
-            raise at.error("missing the image key ('image_id' or 'id')")
-        out = []
-        for j, o in enumerate(objs):
-            oat = _At(path, "record {} (image {}) objects[{}]", i, img, j)
-            names = _str_list(o, "names", oat)
-            if not names and isinstance(o, dict) and o.get("name") is not None:
-                names = (_get(o, "name", "str", oat),)
-            out.append(VGObject(
-                object_id=_first_key(o, ("object_id", "id"), "int", oat),
-                x=_get(o, "x", "number", oat), y=_get(o, "y", "number", oat),
-                w=_get(o, "w", "number", oat), h=_get(o, "h", "number", oat),
-                names=names, attributes=_str_list(o, "attributes", oat),
-            ))
-        yield VGImageObjects(img, tuple(out))
 
 
 def read_vg_image_data(path: PathLike) -> Iterator[VGImage]:
@@ -581,29 +468,4 @@ def load_pretrain_corpus(path: PathLike) -> list[dict]:
                         isinstance(a, str) and _check(s, "number") for a, s in label.items()):
                     raise at.error(f"labelf[{src!r}][{j}] should be {{answer: score}}, got {label!r:.80}")
         out.append(rec)
-    return out
-
-
-def read_img_id_list(path: PathLike, numbers_as: str | None = "val2014") -> list[str]:
-    """Image ids from a JSON list or a text file (one per line).
-
-    Bare integers are COCO ids of the `numbers_as` split (LXMERT's minival list holds val2014
-    numbers); numbers_as=None keeps them verbatim, as Visual Genome / GQA image ids.
-    """
-    path = Path(path)
-    text_ids: list[Any]
-    if path.suffix == ".json":
-        text_ids = load_json(path)
-        if not isinstance(text_ids, list):
-            raise DataFormatError(f"{path}: expected a JSON list of image ids")
-    else:
-        text_ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out = []
-    for i, v in enumerate(text_ids):
-        if isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.isdigit():
-            out.append(coco_img_id(int(v), numbers_as) if numbers_as else str(v))
-        elif isinstance(v, str):
-            out.append(v)
-        else:
-            raise DataFormatError(f"{path}: entry {i}: {v!r} is not an image id")
     return out

@@ -4,6 +4,7 @@ It lets the whole pipeline (detector, features, pretraining, fine-tuning, offici
 learn on a machine without the real datasets; see docs/demo.md.
 """
 from tasks.demo.scene import COLORS, SHAPES, SIZES, Scene, SceneObject, render, sample_scene
+from tasks.demo.sources import SOURCES, SOURCES_FILE
 from tasks.demo.world import (
     LAYOUT,
     MANIFEST,
@@ -14,5 +15,5 @@ from tasks.demo.world import (
     world_path,
 )
 
-__all__ = ["COLORS", "LAYOUT", "MANIFEST", "PRESETS", "SHAPES", "SIZES", "Scene", "SceneObject",
-           "WorldConfig", "generate_world", "read_manifest", "render", "sample_scene", "world_path"]
+__all__ = ["COLORS", "LAYOUT", "MANIFEST", "PRESETS", "SHAPES", "SIZES", "SOURCES", "SOURCES_FILE", "Scene",
+           "SceneObject", "WorldConfig", "generate_world", "read_manifest", "render", "sample_scene", "world_path"]

@@ -19,7 +19,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from extractor.fileio import atomic_directory, write_file, writing
 from tasks.data.tokenization import sub_vocabulary
+from tasks.demo.detector import write_detector_config
 from tasks.demo.language import (
     COLOR_NAMES,
     NUMBER_WORDS,
@@ -36,8 +38,9 @@ from tasks.demo.language import (
     vg_questions,
     vqa_questions,
 )
+from tasks.demo.layout import LAYOUT
 from tasks.demo.scene import SHAPES, SIZES, Scene, Theme, render, sample_scene, sample_theme
-from tasks.fileio import atomic_directory, write_file, writing
+from tasks.demo.sources import DETECTOR_CONFIG, SOURCES_FILE, sources_text
 
 FORMAT = "lxmert-demo-world"
 VERSION = 1
@@ -99,41 +102,6 @@ PRESETS: dict[str, WorldConfig] = {
     "demo": WorldConfig(),
     "tiny": WorldConfig(coco_train_images=24, coco_val_images=12, vg_train_images=24, vg_val_images=12,
                         nlvr2_train_sets=6, nlvr2_dev_sets=4),
-}
-
-LAYOUT: dict[str, Any] = {  # every path is relative to the world's root
-    "coco": {
-        "images": {"train2014": "coco/train2014", "val2014": "coco/val2014"},
-        "captions": {"train2014": "coco/annotations/captions_train2014.json",
-                     "val2014": "coco/annotations/captions_val2014.json"},
-    },
-    "vqa": {
-        "questions": {"train2014": "vqa/v2_OpenEnded_mscoco_train2014_questions.json",
-                      "val2014": "vqa/v2_OpenEnded_mscoco_val2014_questions.json"},
-        "annotations": {"train2014": "vqa/v2_mscoco_train2014_annotations.json",
-                        "val2014": "vqa/v2_mscoco_val2014_annotations.json"},
-    },
-    "vg": {
-        "images": "vg/images",
-        "image_data": "vg/image_data.json",
-        "objects": "vg/objects.json",
-        "attributes": "vg/attributes.json",
-        "region_descriptions": "vg/region_descriptions.json",
-        "question_answers": "vg/question_answers.json",
-    },
-    "gqa": {
-        "questions": {"train": "gqa/train_balanced_questions.json", "val": "gqa/val_balanced_questions.json"},
-        "choices": {"train": "gqa/train_choices.json", "val": "gqa/val_choices.json"},
-    },
-    "nlvr2": {
-        "data": {"train": "nlvr2/train.json", "dev": "nlvr2/dev.json"},
-        "images": {"train": "nlvr2/images/train", "dev": "nlvr2/images/dev"},
-    },
-    "labels": {"objects": "labels/objects_vocab.txt", "attributes": "labels/attributes_vocab.txt"},
-    "vocab": "vocab.txt",
-    "splits": {"coco_minival": "splits/coco_minival.txt", "vg_val": "splits/vg_val.txt",
-               "heldout": "splits/heldout_images.txt"},
-    "scene_graphs": "scene_graphs.json",
 }
 
 
@@ -454,6 +422,10 @@ def _write_world(root: Path, seed: int, config: WorldConfig, workers: int) -> di
                 "classes": {"objects": list(SHAPES), "attributes": list(COLOR_NAMES) + list(SIZES)},
                 "files": LAYOUT, "stats": stats}
     w.write(MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    # what the pipeline reads, named as a user's sources file names real data (docs/cluster.md)
+    write_detector_config(root / DETECTOR_CONFIG, root / LAYOUT["labels"]["objects"],
+                          root / LAYOUT["labels"]["attributes"], config.image_size)
+    w.write(SOURCES_FILE, sources_text())
     return manifest
 
 

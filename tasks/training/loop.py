@@ -1,9 +1,10 @@
 """The one training loop shared by pretraining and fine-tuning.
 
 Tasks hand it a model, a dataset, a collate function and a `step_fn` that turns a batch into a
-loss; the loop owns everything else: DistributedDataParallel under torchrun (NCCL on GPU, gloo
-on CPU), AMP, gradient accumulation and clipping, the warm-up/decay schedule, checkpoints that
-resume exactly, non-finite loss detection, and the logs (tqdm, CSV, TensorBoard, PNG plots).
+loss; the loop owns everything else: DistributedDataParallel under torchrun (distributed.py), AMP,
+gradient accumulation and clipping, the warm-up/decay schedule, checkpoints that resume exactly
+(checkpoints.py), non-finite loss detection, and the logs (tqdm here; CSV, TensorBoard, PNG plots
+in logs.py).
 
 Reproducible data: datasets draw their randomness from the (seed, epoch, index) of each example
 (`set_epoch` is called before every epoch), so the batches do not depend on worker scheduling
@@ -11,14 +12,9 @@ and a resumed run only needs the epoch and the number of batches already consume
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import itertools
 import json
 import math
-import os
-import random
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,20 +23,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from model.checkpoint import load_torch
-from tasks.fileio import FdWriter, append_text, atomic_directory, atomic_output, atomic_write, remove_quietly, writing
+from extractor.fileio import atomic_write, writing
+from tasks.training.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CheckpointWarning,
+    export_into,
+    export_model,
+    list_checkpoints,
+    load_agreed_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from tasks.training.distributed import DistEnv, all_finite, barrier, gather_objects, init_distributed
+from tasks.training.logs import LossWindow, RunLogs
 from tasks.training.optim import OPTIMIZERS, build_optimizer, warmup_linear_schedule
 
-CHECKPOINT_FORMAT = 1
 AMP_MODES = ("none", "bf16", "fp16")
+FP16_DEVICES = ("cuda",)  # where amp=fp16 may train: fp16 needs loss scaling, and torch's GradScaler targets CUDA
 # settings a resumed run may change without a warning (they do not alter what is computed)
 _RESUMABLE_CHANGES = {"num_workers", "log_every", "ckpt_every", "keep_last", "resume", "progress",
                       "tensorboard", "plots"}
@@ -48,7 +55,10 @@ _RESUMABLE_CHANGES = {"num_workers", "log_every", "ckpt_every", "keep_last", "re
 
 @dataclass
 class TrainConfig:
-    """How to train: shared by `python -m tasks.pretrain` and `python -m tasks.finetune`."""
+    """How to train: shared by `python -m tasks.pretrain` and `python -m tasks.finetune`.
+
+    The defaults are the loop's own; each stage's recipe (PretrainConfig, the benchmarks' fine-tuning
+    recipes) sets the epochs, batch size, learning rate, warm-up and clipping of the paper."""
 
     output_dir: str = "runs/train"
     epochs: int = 1
@@ -128,193 +138,6 @@ class NonFiniteLossError(RuntimeError):
                          f"loss parts {parts}; batch ids: {shown}")
 
 
-class CheckpointWarning(UserWarning):
-    """A checkpoint on disk could not be used and an older one was taken instead."""
-
-
-# ----------------------------------------------------------------------------- distribution
-
-@dataclass
-class DistEnv:
-    """This process's place in a torchrun job (rank 0 of 1 when run directly)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks CUDA when present; a CUDA request without a GPU is an error, not a fallback."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device: 'cuda' requested but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ValueError(f"device: unknown {name!r}, expected auto, cpu or cuda")
-
-
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the torchrun job described by the environment (NCCL on GPU, gloo on CPU), if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
-
-
-def cleanup_distributed() -> None:
-    """Leave the process group so torchrun sees a clean exit."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _barrier(env: DistEnv) -> None:
-    if env.world_size > 1:
-        dist.barrier()
-
-
-def gather_objects(env: DistEnv, obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order, on every rank (picklable objects)."""
-    if env.world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-class _HashingWriter:
-    """File wrapper hashing bytes as torch.save writes them, so saving reads nothing back."""
-
-    def __init__(self, f: FdWriter) -> None:
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
-def checkpoint_path(directory: Path, step: int) -> Path:
-    """The file holding the checkpoint taken after optimiser step `step`."""
-    return directory / f"step-{step:08d}.pt"
-
-
-def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep_last: int) -> Path:
-    """Write `state` atomically (temp file, fsync, rename) with a manifest holding its sha256.
-
-    A checkpoint counts only once its manifest exists, so a kill mid-write leaves the previous
-    one as the newest. Older checkpoints beyond `keep_last` are removed afterwards.
-    """
-    directory = Path(directory)
-    path = checkpoint_path(directory, step)
-    with writing(path):
-        directory.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path, tmp=path.with_suffix(".pt.tmp")) as f:
-        writer = _HashingWriter(f)
-        torch.save(state, writer)
-    manifest = {"format": CHECKPOINT_FORMAT, "step": step, "file": path.name,
-                "bytes": writer.size, "sha256": writer.sha.hexdigest(), "time": time.time()}
-    try:
-        atomic_write(path.with_suffix(".json"), json.dumps(manifest, indent=1), tmp=path.with_suffix(".json.tmp"))
-    except BaseException:
-        remove_quietly(path)  # a checkpoint without its manifest does not count: do not leave it behind
-        raise
-    for old in list_checkpoints(directory)[:-keep_last]:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".json").unlink(missing_ok=True)
-    return path
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints (those with a manifest), oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [m.with_suffix(".pt") for m in directory.glob("step-*.json")]
-    return sorted(found, key=lambda p: p.name)
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    manifest_path = path.with_suffix(".json")
-    manifest = json.loads(manifest_path.read_text())
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file missing")
-    size = path.stat().st_size
-    if size != manifest["bytes"]:
-        raise ValueError(f"{path}: {size} bytes on disk, manifest says {manifest['bytes']}")
-    if _file_sha256(path) != manifest["sha256"]:
-        raise ValueError(f"{path}: sha256 differs from its manifest")
-    state = load_torch(path)
-    missing = {"model", "optimizer", "scheduler", "step", "epoch", "batch_in_epoch"} - set(state)
-    if missing:
-        raise ValueError(f"{path}: not a training checkpoint, missing {sorted(missing)}")
-    return state
-
-
-def load_latest_checkpoint(directory: str | Path) -> tuple[dict[str, Any], Path] | None:
-    """The newest checkpoint that reads back intact; damaged newer ones are skipped with a warning."""
-    for path in reversed(list_checkpoints(directory)):
-        try:
-            return _read_checkpoint(path), path
-        except Exception as exc:  # any failure to read means: use the previous one
-            warnings.warn(f"checkpoint {path} is unreadable ({exc}); falling back to an older one",
-                          CheckpointWarning, stacklevel=2)
-    return None
-
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices) from one number."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # ----------------------------------------------------------------------------- data
 
 class _SkipSampler(Sampler[int]):
@@ -348,109 +171,35 @@ def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 10_007 + rank) % 2**63)
 
 
-# ----------------------------------------------------------------------------- logs
+@dataclass
+class _Plan:
+    """How the data splits into optimiser steps for this job: the sampler, micro-batches, steps."""
 
-class _Logs:
-    """Rank 0's CSV of every logged step, TensorBoard events and, at the end, PNG plots."""
-
-    def __init__(self, root: Path, columns: list[str], resume_step: int | None, tensorboard: bool) -> None:
-        self.dir = root / "logs"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.train_csv = self.dir / "train.csv"
-        self.eval_csv = self.dir / "eval.csv"
-        self.columns = ["step", "epoch", "lr", *columns, "examples_per_s", "grad_norm", "elapsed_s"]
-        for path in (self.train_csv, self.eval_csv):
-            self._truncate(path, resume_step)
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            purge = resume_step + 1 if resume_step is not None else None
-            with writing(self.dir / "tb"):
-                self.tb = SummaryWriter(log_dir=str(self.dir / "tb"), purge_step=purge)
-
-    @staticmethod
-    def _truncate(path: Path, resume_step: int | None) -> None:
-        """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-        if not path.exists():
-            return
-        if resume_step is None:
-            path.unlink()
-            return
-        with path.open(newline="") as f:
-            rows = list(csv.reader(f))
-        kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= resume_step] if rows else []
-        text = io.StringIO()
-        csv.writer(text).writerows(kept)
-        atomic_write(path, text.getvalue())
-
-    @staticmethod
-    def _append(path: Path, columns: list[str], row: dict[str, Any]) -> None:
-        """Add a row (and the header to a new file) in one write, all or nothing, so no half row is left."""
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns)
-        if not path.exists():
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in columns})
-        append_text(path, text.getvalue())
-
-    def train_row(self, row: dict[str, Any]) -> None:
-        self._append(self.train_csv, self.columns, row)
-        if self.tb is not None:
-            with writing(self.dir / "tb"):
-                for key, value in row.items():
-                    if key not in ("step", "epoch") and value != "" and value is not None:
-                        self.tb.add_scalar(f"train/{key}", value, row["step"])
-
-    def eval_row(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
-        columns = ["step", "epoch", *sorted(metrics)]
-        if self.eval_csv.exists():
-            with self.eval_csv.open(newline="") as f:
-                columns = next(csv.reader(f))
-        self._append(self.eval_csv, columns, {"step": step, "epoch": epoch, **metrics})
-        if self.tb is not None:
-            with writing(self.dir / "tb"):
-                for key, value in metrics.items():
-                    self.tb.add_scalar(f"eval/{key}", value, step)
-
-    def close(self, plot_columns: Sequence[str] | None) -> None:
-        if self.tb is not None:
-            with writing(self.dir / "tb"):
-                self.tb.close()
-        if plot_columns:
-            plot_curves(self.train_csv, self.dir.parent / "plots", plot_columns)
+    sampler: DistributedSampler
+    micro_bs: int
+    micro_per_epoch: int
+    total_steps: int
+    epochs: int
 
 
-def plot_curves(csv_path: Path, out_dir: Path, columns: Sequence[str]) -> list[Path]:
-    """One PNG per loss column of a training CSV (step on x), for a glance without TensorBoard."""
-    from matplotlib.figure import Figure
-
-    if not csv_path.exists():
-        return []
-    with csv_path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    with writing(out_dir):
-        out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for column in columns:
-        points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column) not in (None, "")]
-        if not points:
-            continue
-        fig = Figure(figsize=(6, 4), dpi=100)
-        ax = fig.subplots()
-        ax.plot([p[0] for p in points], [p[1] for p in points])
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel(column)
-        ax.set_title(f"training {column}")
-        ax.grid(True, alpha=0.3)
-        path = out_dir / f"{column}.png"
-        png = io.BytesIO()
-        fig.savefig(png, format="png")
-        atomic_write(path, png.getvalue())
-        written.append(path)
-    return written
+def _plan(cfg: TrainConfig, env: DistEnv, train_set: Dataset) -> _Plan:
+    """Per-process micro-batches and the number of steps; errors name the setting that does not fit."""
+    per_step = env.world_size * cfg.grad_accum
+    if cfg.batch_size % per_step:
+        raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by world_size x grad_accum "
+                         f"= {env.world_size} x {cfg.grad_accum}")
+    micro_bs = cfg.batch_size // per_step
+    sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    micro_per_epoch = (len(sampler) // micro_bs) // cfg.grad_accum * cfg.grad_accum
+    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size: {cfg.batch_size} exceeds the {len(train_set)} training examples")
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    return _Plan(sampler, micro_bs, micro_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch))
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- pieces of a step
 
 class _Objective(nn.Module):
     """The model with its step function: what DistributedDataParallel wraps.
@@ -475,21 +224,45 @@ def autocast(amp: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def export_model(model: nn.Module, directory: Path) -> None:
-    """Save weights where other tools read them: `save_pretrained` when the model has it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(directory))
-    else:
-        with atomic_output(directory / "model.pt") as f:  # through Python, so a full disk names its errno
-            torch.save(model.state_dict(), f)
+@dataclass
+class _Micro:
+    """What the non-finite check needs of one micro-batch: its example ids, loss and loss parts (on the device)."""
+
+    ids: list[str]
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
 
 
-def _export(export_fn: Callable[[nn.Module, Path], None], model: nn.Module, directory: Path) -> None:
-    """Run export_fn into a temporary folder swapped onto `directory`, so a failed write leaves no half export."""
-    with atomic_directory(directory) as tmp:
-        export_fn(model, tmp)
+def _check_finite(env: DistEnv, micros: list[_Micro], step: int, epoch: int) -> None:
+    """Stop every rank together when any rank's loss of this optimiser step is NaN/Inf, naming the
+    examples of the offending micro-batches. Checked once per step, so the host waits for the device
+    once per step, not after every micro-batch."""
+    losses = torch.stack([m.loss for m in micros])
+    if all_finite(env, losses):
+        return
+    bad = [m for m, ok in zip(micros, torch.isfinite(losses).tolist()) if not ok]
+    ids = [i for m in bad for i in m.ids]
+    parts = {k: float(v) for k, v in bad[0].parts.items()} if bad else {}
+    gathered = gather_objects(env, (ids, parts))
+    all_ids = [i for g in gathered for i in g[0]]
+    all_parts = next((g[1] for g in gathered if g[1]), parts)
+    raise NonFiniteLossError(step, epoch, all_ids, all_parts)
 
+
+@dataclass
+class _Progress:
+    """Where the run is and what it has measured so far: all of it goes into every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    last_losses: dict[str, float] = field(default_factory=dict)
+    best_value: float | None = None
+    best: dict[str, float] | None = None
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- the loop
 
 def train(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *,
           collate_fn: Callable[[list[Any]], dict[str, Any]],
@@ -515,223 +288,237 @@ def train(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *,
     """
     cfg.validate()
     env = env or init_distributed(cfg.device)
-    device = env.device
-    if cfg.amp == "fp16" and device.type != "cuda":
+    if cfg.amp == "fp16" and env.device.type not in FP16_DEVICES:
         raise ValueError("amp: fp16 needs CUDA; use bf16 or none on CPU")
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    per_step = env.world_size * cfg.grad_accum
-    if cfg.batch_size % per_step:
-        raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by world_size x grad_accum "
-                         f"= {env.world_size} x {cfg.grad_accum}")
-    micro_bs = cfg.batch_size // per_step
+    run = _Run(model, train_set, cfg, env, collate_fn=collate_fn, step_fn=step_fn, loss_names=loss_names,
+               eval_fn=eval_fn, best_metric=best_metric, export_fn=export_fn, extra=extra)
+    return run.train(find_unused_parameters)
 
-    sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    micro_per_epoch = (len(sampler) // micro_bs) // cfg.grad_accum * cfg.grad_accum
-    steps_per_epoch = micro_per_epoch // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size: {cfg.batch_size} exceeds the {len(train_set)} training examples")
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-    epochs = math.ceil(total_steps / steps_per_epoch)
 
-    model.to(device)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.adam_eps,
-                                param_clip=cfg.param_clip)
-    scheduler = warmup_linear_schedule(optimizer, total_steps, cfg.warmup_ratio)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+class _Run:
+    """One call of `train`: setup here, then `train` resumes, runs the epochs and ends the run."""
 
-    step, epoch, batch_in_epoch = 0, 0, 0
-    last_losses: dict[str, float] = {}
-    best_value: float | None = None
-    best: dict[str, float] | None = None
-    evals: list[dict[str, float]] = []
-    resumed = load_latest_checkpoint(ckpt_dir) if cfg.resume else None
-    seed_everything(cfg.seed + env.rank)
-    if resumed is not None:
+    def __init__(self, model: nn.Module, train_set: Dataset, cfg: TrainConfig, env: DistEnv, *,
+                 collate_fn: Callable[[list[Any]], dict[str, Any]], step_fn: StepFn, loss_names: Sequence[str],
+                 eval_fn: Callable[[nn.Module, int], dict[str, float]] | None,
+                 best_metric: tuple[str, str] | None, export_fn: Callable[[nn.Module, Path], None],
+                 extra: dict[str, Any] | None) -> None:
+        self.model, self.train_set, self.cfg, self.env = model, train_set, cfg, env
+        self.collate_fn, self.step_fn, self.eval_fn = collate_fn, step_fn, eval_fn
+        self.best_metric, self.export_fn, self.extra = best_metric, export_fn, extra or {}
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.plan = _plan(cfg, env, train_set)
+        model.to(env.device)
+        self.optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.adam_eps,
+                                         param_clip=cfg.param_clip)
+        self.scheduler = warmup_linear_schedule(self.optimizer, self.plan.total_steps, cfg.warmup_ratio)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
+        self.progress = _Progress()
+        self.names = ["loss", *loss_names]
+        self.window = LossWindow(self.names, env.device)
+        self.grad_norm = torch.zeros((), device=env.device)
+        self.run_start = time.perf_counter()
+        self.objective: nn.Module = _Objective(model, step_fn)
+        self.micros: list[_Micro] = []  # the micro-batches of the optimiser step being accumulated
+        self.logs: RunLogs | None = None
+
+    # ------------------------------------------------------------------ start and end
+
+    def train(self, find_unused_parameters: bool) -> TrainResult:
+        """Resume, run the epochs, export the final model; a NaN loss is recorded, then raised."""
+        cfg, env, p = self.cfg, self.env, self.progress
+        resumed = self.resume()
+        if env.world_size > 1:
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            self.objective = DistributedDataParallel(self.objective, device_ids=device_ids,
+                                                     find_unused_parameters=find_unused_parameters)
+        if env.is_main:
+            self.logs = RunLogs(self.out, self.names, p.step if resumed else None, cfg.tensorboard)
+        self.bar = tqdm(total=self.plan.total_steps, initial=p.step, disable=not (env.is_main and cfg.progress),
+                        dynamic_ncols=True, desc="train")
+        try:
+            while p.step < self.plan.total_steps and p.epoch < self.plan.epochs:
+                self.run_epoch()
+            if env.is_main:
+                export_into(self.export_fn, self.model, self.out / "final")
+            barrier(env)
+        except NonFiniteLossError as exc:
+            if env.is_main:
+                self.record_nonfinite(exc)
+            raise
+        finally:
+            self.bar.close()
+            if self.logs is not None:
+                self.logs.close(self.names if cfg.plots else None)
+        return TrainResult(step=p.step, epoch=p.epoch, last_losses=p.last_losses, evals=p.evals, best=p.best,
+                           output_dir=self.out)
+
+    def resume(self) -> bool:
+        """Continue from the newest good checkpoint (when `resume` is on); seeds every generator."""
+        cfg, env, p = self.cfg, self.env, self.progress
+        resumed = load_agreed_checkpoint(env, self.ckpt_dir) if cfg.resume else None
+        seed_everything(cfg.seed + env.rank)
+        if resumed is None:
+            return False
         state, path = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        best_value, best, evals = state.get("best_value"), state.get("best"), list(state.get("evals", []))
-        last_losses = dict(state.get("last_losses", {}))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # empty when written without fp16: a run switching to fp16 starts a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
+        p.step, p.epoch, p.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        p.best_value, p.best, p.evals = state.get("best_value"), state.get("best"), list(state.get("evals", []))
+        p.last_losses = dict(state.get("last_losses", {}))
         changed = sorted(k for k, v in asdict(cfg).items()
                          if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v)
         if changed:
             warnings.warn(f"{path}: resuming with different settings {changed} than the run that wrote it",
-                          CheckpointWarning, stacklevel=2)
+                          CheckpointWarning, stacklevel=4)
+        micro_bs = self.plan.micro_bs
         if state["world_size"] == env.world_size and state["micro_batch_size"] == micro_bs:
-            _set_rng_state(state["rng"][env.rank])
+            set_rng_state(state["rng"][env.rank], env.device)
         else:
             warnings.warn(f"{path}: written by {state['world_size']} process(es) with micro-batch "
                           f"{state['micro_batch_size']}; resuming with {env.world_size} x {micro_bs}, "
                           "so data order and dropout differ from an uninterrupted run", CheckpointWarning,
-                          stacklevel=2)
-            seen = batch_in_epoch * state["micro_batch_size"] * state["world_size"]
-            batch_in_epoch = min(seen // (micro_bs * env.world_size), micro_per_epoch)
-            batch_in_epoch -= batch_in_epoch % cfg.grad_accum
-            seed_everything(cfg.seed + env.rank + 7919 * step)
+                          stacklevel=4)
+            seen = p.batch_in_epoch * state["micro_batch_size"] * state["world_size"]
+            p.batch_in_epoch = min(seen // (micro_bs * env.world_size), self.plan.micro_per_epoch)
+            p.batch_in_epoch -= p.batch_in_epoch % cfg.grad_accum
+            seed_everything(cfg.seed + env.rank + 7919 * p.step)
+        self.window.restore(state.get("log_window"), env)
         if env.is_main:
-            print(f"resuming from {path} at step {step}, epoch {epoch}, batch {batch_in_epoch}", flush=True)
+            print(f"resuming from {path} at step {p.step}, epoch {p.epoch}, batch {p.batch_in_epoch}", flush=True)
+        return True
 
-    objective: nn.Module = _Objective(model, step_fn)
-    if env.world_size > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        objective = DistributedDataParallel(objective, device_ids=device_ids,
-                                            find_unused_parameters=find_unused_parameters)
-    names = ["loss", *loss_names]
-    logs = _Logs(out, names, step if resumed else None, cfg.tensorboard) if env.is_main else None
-    bar = tqdm(total=total_steps, initial=step, disable=not (env.is_main and cfg.progress),
-               dynamic_ncols=True, desc="train")
+    def record_nonfinite(self, exc: NonFiniteLossError) -> None:
+        """logs/nonfinite.json: the bad step, its examples and loss parts, and the last good checkpoint."""
+        good = list_checkpoints(self.ckpt_dir)
+        report = {"step": exc.step + 1, "epoch": exc.epoch, "batch_ids": exc.batch_ids,
+                  "parts": exc.parts, "last_good_checkpoint": str(good[-1]) if good else None}
+        with writing(self.out / "logs"):
+            (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        atomic_write(self.out / "logs" / "nonfinite.json", json.dumps(report, indent=1))
 
-    def state_dict() -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": gather_objects(env, _rng_state()), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "micro_batch_size": micro_bs,
-                "world_size": env.world_size, "seed": cfg.seed, "best_value": best_value, "best": best,
-                "evals": evals, "last_losses": last_losses, "config": asdict(cfg), "extra": extra or {},
-                # the open logging window, so the first row after a resume averages the same steps
-                "log_window": gather_objects(env, (sums.tolist(), counts.tolist(), window_steps))}
+    # ------------------------------------------------------------------ one epoch
 
-    def checkpoint() -> None:
-        state = state_dict()  # every rank joins the RNG gather; rank 0 writes
-        if env.is_main:
-            save_checkpoint(state, ckpt_dir, step, cfg.keep_last)
-        _barrier(env)
+    def run_epoch(self) -> None:
+        """Train the rest of the current epoch (or up to the last step), then do its end-of-epoch work."""
+        cfg, env, p, plan = self.cfg, self.env, self.progress, self.plan
+        plan.sampler.set_epoch(p.epoch)
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(p.epoch)
+        rest = _SkipSampler(plan.sampler, p.batch_in_epoch * plan.micro_bs)
+        loader = DataLoader(self.train_set, batch_size=plan.micro_bs, sampler=rest,
+                            num_workers=cfg.num_workers, collate_fn=self.collate_fn, drop_last=True,
+                            pin_memory=env.device.type == "cuda",
+                            generator=epoch_generator(cfg.seed, p.epoch, env.rank))
+        self.model.train()
+        batches = iter(loader)
+        for micro in range(p.batch_in_epoch, plan.micro_per_epoch):
+            last_micro = (micro + 1) % cfg.grad_accum == 0
+            self.forward_backward(to_device(next(batches), env.device), last_micro)
+            if not last_micro:
+                continue
+            lr = self.optimizer_step()
+            p.step += 1
+            p.batch_in_epoch = micro + 1
+            self.window.steps += 1
+            self.bar.update(1)
+            if p.step % cfg.log_every == 0 or p.step == plan.total_steps:
+                self.log_row(lr)
+            if p.step == plan.total_steps:
+                break
+            if cfg.ckpt_every and p.step % cfg.ckpt_every == 0 and p.batch_in_epoch < plan.micro_per_epoch:
+                self.checkpoint()
+        del batches, loader
+        if p.batch_in_epoch == plan.micro_per_epoch or p.step == plan.total_steps:
+            self.end_epoch()
 
-    sums = torch.zeros(len(names), dtype=torch.float64, device=device)
-    counts = torch.zeros(len(names), dtype=torch.float64, device=device)
-    window_start, run_start, window_steps = time.perf_counter(), time.perf_counter(), 0
-    window = resumed[0].get("log_window") if resumed is not None else None
-    if window is not None and len(window) == env.world_size and len(window[env.rank][0]) == len(names):
-        saved_sums, saved_counts, window_steps = window[env.rank]
-        sums += torch.tensor(saved_sums, dtype=torch.float64, device=device)
-        counts += torch.tensor(saved_counts, dtype=torch.float64, device=device)
-    grad_norm = torch.zeros((), device=device)
-    try:
-        while step < total_steps and epoch < epochs:
-            sampler.set_epoch(epoch)
-            if hasattr(train_set, "set_epoch"):
-                train_set.set_epoch(epoch)
-            rest = _SkipSampler(sampler, batch_in_epoch * micro_bs)
-            loader = DataLoader(train_set, batch_size=micro_bs, sampler=rest,
-                                num_workers=cfg.num_workers, collate_fn=collate_fn, drop_last=True,
-                                pin_memory=device.type == "cuda",
-                                generator=epoch_generator(cfg.seed, epoch, env.rank))
-            model.train()
-            batches = iter(loader)
-            for micro in range(batch_in_epoch, micro_per_epoch):
-                batch = to_device(next(batches), device)
-                last_micro = (micro + 1) % cfg.grad_accum == 0
-                sync = objective.no_sync() if env.world_size > 1 and not last_micro else nullcontext()
-                with sync:
-                    with autocast(cfg.amp, device):
-                        result = objective(batch, StepContext(epoch=epoch, step=step))
-                    loss = result.loss.float()
-                    _check_finite(env, loss, result, batch, step, epoch)
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                with torch.no_grad():
-                    sums[0] += loss.detach()
-                    counts[0] += 1
-                    for i, name in enumerate(loss_names, start=1):
-                        if name in result.parts:
-                            sums[i] += result.parts[name].detach().float()
-                            counts[i] += 1
-                if not last_micro:
-                    continue
-                if cfg.clip_grad_norm > 0 or cfg.amp == "fp16":
-                    scaler.unscale_(optimizer)
-                if cfg.clip_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                batch_in_epoch = micro + 1
-                window_steps += 1
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == total_steps:
-                    last_losses = _reduce_window(env, names, sums, counts)
-                    elapsed = time.perf_counter() - window_start
-                    rate = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-                    if env.is_main and logs is not None:
-                        logs.train_row({"step": step, "epoch": epoch, "lr": lr, **last_losses,
-                                        "examples_per_s": rate, "grad_norm": float(grad_norm),
-                                        "elapsed_s": time.perf_counter() - run_start})
-                        bar.set_postfix(loss=f"{last_losses['loss']:.4f}", ex_s=f"{rate:.1f}")
-                    sums.zero_()
-                    counts.zero_()
-                    window_start, window_steps = time.perf_counter(), 0
-                if step == total_steps:
-                    break
-                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and batch_in_epoch < micro_per_epoch:
-                    checkpoint()
-            del batches, loader
-            if batch_in_epoch == micro_per_epoch or step == total_steps:
-                if eval_fn is not None:
-                    metrics = eval_fn(model, epoch)
-                    model.train()
-                    evals.append({"epoch": epoch, "step": step, **metrics})
-                    if env.is_main and logs is not None:
-                        logs.eval_row(step, epoch, metrics)
-                    if best_metric is not None:
-                        name, mode = best_metric
-                        value = metrics[name]
-                        if best_value is None or (value > best_value if mode == "max"
-                                                  else value < best_value):
-                            best_value, best = value, {"epoch": epoch, "step": step, **metrics}
-                            if env.is_main:
-                                _export(export_fn, model, out / "best")
-                            _barrier(env)
-                if batch_in_epoch == micro_per_epoch:
-                    epoch, batch_in_epoch = epoch + 1, 0
-                checkpoint()
-        if env.is_main:
-            _export(export_fn, model, out / "final")
-        _barrier(env)
-    except NonFiniteLossError as exc:
-        if env.is_main:
-            good = list_checkpoints(ckpt_dir)
-            report = {"step": exc.step + 1, "epoch": exc.epoch, "batch_ids": exc.batch_ids,
-                      "parts": exc.parts, "last_good_checkpoint": str(good[-1]) if good else None}
-            with writing(out / "logs"):
-                (out / "logs").mkdir(parents=True, exist_ok=True)
-            atomic_write(out / "logs" / "nonfinite.json", json.dumps(report, indent=1))
-        raise
-    finally:
-        bar.close()
-        if logs is not None:
-            logs.close(names if cfg.plots else None)
-    return TrainResult(step=step, epoch=epoch, last_losses=last_losses, evals=evals, best=best,
-                       output_dir=out)
+    def forward_backward(self, batch: dict[str, Any], last_micro: bool) -> None:
+        """One micro-batch: loss, scaled backward; DDP syncs on the last only. Nothing here waits for
+        the device: the loss is checked for NaN / Inf with the step's other micro-batches."""
+        cfg, env, p = self.cfg, self.env, self.progress
+        sync = self.objective.no_sync() if env.world_size > 1 and not last_micro else nullcontext()
+        with sync:
+            with autocast(cfg.amp, env.device):
+                result = self.objective(batch, StepContext(epoch=p.epoch, step=p.step))
+            loss = result.loss.float()
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+        self.window.add(loss, result.parts)
+        self.micros.append(_Micro([str(i) for i in batch.get("ids", [])], loss.detach(), result.parts))
 
+    def optimizer_step(self) -> float:
+        """Stop on a non-finite loss of the step (before any update), clip, step, advance the schedule;
+        returns the learning rate the step used."""
+        cfg, p = self.cfg, self.progress
+        micros, self.micros = self.micros, []
+        _check_finite(self.env, micros, p.step, p.epoch)
+        if cfg.clip_grad_norm > 0 or cfg.amp == "fp16":
+            self.scaler.unscale_(self.optimizer)
+        if cfg.clip_grad_norm > 0:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
 
-def _check_finite(env: DistEnv, loss: torch.Tensor, result: StepOutput, batch: dict[str, Any],
-                  step: int, epoch: int) -> None:
-    """Stop every rank together when any rank's loss is NaN/Inf, naming the offending examples."""
-    ok = torch.isfinite(loss.detach()).to(torch.int32)
-    if env.world_size > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if bool(ok.item()):
-        return
-    local_bad = not bool(torch.isfinite(loss.detach()).item())
-    ids = [str(i) for i in batch.get("ids", [])] if local_bad else []
-    parts = {k: float(v.detach()) for k, v in result.parts.items()} if local_bad else {}
-    gathered = gather_objects(env, (ids, parts))
-    all_ids = [i for g in gathered for i in g[0]]
-    all_parts = next((g[1] for g in gathered if g[1]), parts)
-    raise NonFiniteLossError(step, epoch, all_ids, all_parts)
+    def log_row(self, lr: float) -> None:
+        """Close the loss window into one CSV / TensorBoard row (rank 0) and the bar's postfix."""
+        p, steps, start = self.progress, self.window.steps, self.window.start
+        p.last_losses = self.window.close(self.env)
+        rate = steps * self.cfg.batch_size / max(time.perf_counter() - start, 1e-9)
+        if self.logs is not None:
+            self.logs.train_row({"step": p.step, "epoch": p.epoch, "lr": lr, **p.last_losses,
+                                 "examples_per_s": rate, "grad_norm": float(self.grad_norm),
+                                 "elapsed_s": time.perf_counter() - self.run_start})
+            self.bar.set_postfix(loss=f"{p.last_losses['loss']:.4f}", ex_s=f"{rate:.1f}")
 
+    def end_epoch(self) -> None:
+        """Evaluate (keeping the best model), move to the next epoch when this one is done, checkpoint."""
+        p = self.progress
+        if self.eval_fn is not None:
+            self.evaluate()
+        if p.batch_in_epoch == self.plan.micro_per_epoch:
+            p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+        self.checkpoint()
 
-def _reduce_window(env: DistEnv, names: list[str], sums: torch.Tensor,
-                   counts: torch.Tensor) -> dict[str, float]:
-    """Mean of each logged loss over the window and over all ranks."""
-    packed = torch.stack([sums, counts])
-    if env.world_size > 1:
-        dist.all_reduce(packed)
-    return {name: float(packed[0, i] / packed[1, i]) for i, name in enumerate(names) if packed[1, i] > 0}
+    def evaluate(self) -> None:
+        """Run eval_fn on every rank, log it, and export the model to best/ when it improves."""
+        p, env = self.progress, self.env
+        metrics = self.eval_fn(self.model, p.epoch)
+        self.model.train()
+        p.evals.append({"epoch": p.epoch, "step": p.step, **metrics})
+        if self.logs is not None:
+            self.logs.eval_row(p.step, p.epoch, metrics)
+        if self.best_metric is None:
+            return
+        name, mode = self.best_metric
+        value = metrics[name]
+        if p.best_value is None or (value > p.best_value if mode == "max" else value < p.best_value):
+            p.best_value, p.best = value, {"epoch": p.epoch, "step": p.step, **metrics}
+            if env.is_main:
+                export_into(self.export_fn, self.model, self.out / "best")
+            barrier(env)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> None:
+        """Every rank joins the RNG and window gathers; rank 0 writes."""
+        state = self.state_dict()
+        if self.env.is_main:
+            save_checkpoint(state, self.ckpt_dir, self.progress.step, self.cfg.keep_last)
+        barrier(self.env)
+
+    def state_dict(self) -> dict[str, Any]:
+        p, env = self.progress, self.env
+        return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": gather_objects(env, rng_state(env.device)), "step": p.step,
+                "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch, "micro_batch_size": self.plan.micro_bs,
+                "world_size": env.world_size, "seed": self.cfg.seed, "best_value": p.best_value, "best": p.best,
+                "evals": p.evals, "last_losses": p.last_losses, "config": asdict(self.cfg), "extra": self.extra,
+                "log_window": gather_objects(env, self.window.state())}

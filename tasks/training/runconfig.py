@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tasks.data.jsonstream import write_text_atomic
+from extractor.jsonstream import write_text_atomic
 
 T = TypeVar("T")
 
@@ -24,7 +24,8 @@ def _fields(cls: type) -> list[tuple[str, Any]]:
     return [(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """(the type inside `X | None`, True), or (tp, False)."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="JSON file with the config; flags given on the command line override it")
     for flag, (_, _, tp) in _flag_specs(cls).items():
-        base, optional = _unwrap_optional(tp)
+        base, optional = unwrap_optional(tp)
         opt = f"--{flag.replace('_', '-')}"
         kwargs: dict[str, Any] = {"dest": flag, "default": argparse.SUPPRESS}
         if base is bool:
@@ -84,7 +85,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
         tp = known[name]
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             value = from_dict(tp, value, f"{where}.{name}")
-        elif isinstance(value, list) and typing.get_origin(_unwrap_optional(tp)[0]) is tuple:
+        elif isinstance(value, list) and typing.get_origin(unwrap_optional(tp)[0]) is tuple:
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)

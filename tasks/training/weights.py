@@ -6,6 +6,7 @@ our or transformers' model directories (`config.json` + weights), and the origin
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -50,6 +51,31 @@ def read_checkpoint(path: str | Path, param: str = "init_from",
         raise CheckpointError(f"{param}: {weights} holds no LXMERT weights: none of its {len(state):,} tensors "
                               f"is in a backbone (lxmert.*, bert.*, encoder.*){_examples(state)}")
     return state, config
+
+
+def read_init(init_from: str | None, model: str,
+              head_renames: Mapping[str, str] | None = None) -> tuple[dict[str, Tensor], Any]:
+    """(tensors, network config) of `init_from`, or ({}, None) without it. An original file has no
+    config: its sizes are read from the weights and its head count, which weights cannot tell, is
+    the `model` preset's."""
+    if not init_from:
+        return {}, None
+    state, config = read_checkpoint(init_from, "init_from", head_renames)
+    if config is None:
+        from model.checkpoint import infer_config
+        config = infer_config(state, source=f"init_from: {init_from}",
+                              num_attention_heads=model_config_from(model).num_attention_heads)
+    return state, config
+
+
+def network_config(base: Any, model: str, feature_dim: int, dropout: float | None) -> Any:
+    """The config of the network to build: `base` (init_from's) or the `model` preset / file, sized for
+    the feature files, with both dropout rates set to `dropout` when it is given."""
+    config = dataclasses.replace(base) if base is not None else model_config_from(model)
+    config.visual_feat_dim = feature_dim
+    if dropout is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
+    return config
 
 
 def _examples(state: Mapping[str, Tensor]) -> str:
@@ -120,7 +146,7 @@ def export_with_vocab(tokens: list[str]) -> Callable[[nn.Module, Path], None]:
     """The training loop's export_fn that also saves the tokenizer's vocab.txt beside the weights,
     so whatever later loads them (fine-tuning, evaluation) tokenizes as training did."""
     from tasks.data.tokenization import save_vocabulary
-    from tasks.training.loop import export_model
+    from tasks.training.checkpoints import export_model
 
     def export(model: nn.Module, directory: Path) -> None:
         export_model(model, directory)

@@ -1,16 +1,27 @@
-"""GQA metrics as the official evaluation (eval.py of the GQA release) computes them."""
+"""GQA: the official metrics (eval.py of the GQA release), the submission file, and the benchmark's record."""
 from __future__ import annotations
 
+import argparse
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
-from tasks.data.readers import GQAChoices, GQAQuestion
-from tasks.metrics.common import DuplicateIdError, PredictionError, check_coverage
+from extractor.jsonstream import DataFormatError, write_json_atomic
+from tasks.benchmarks.base import DuplicateIdError, PredictionError, against, check_coverage, existing, read_records
+from tasks.benchmarks.qa import QABenchmark
+from tasks.data.answers import default_gqa_table
+from tasks.data.readers import GQAChoices, GQAQuestion, load_gqa_task, read_gqa_choices, read_gqa_questions
+
+PathLike = str | os.PathLike[str]
 
 # For "...in common?" questions (types.detailed containing "Common") the official evaluation
 # replaces the choices file's answer sets with these when judging validity and plausibility.
 COMMON_ANSWERS = frozenset({"color", "material", "shape"})
 
+
+# ----------------------------------------------------------------------------- the official metrics
 
 def _avg(scores: list[float]) -> float:
     return float(sum(scores)) / len(scores) if scores else 0.0
@@ -135,3 +146,65 @@ def _consistency(
         if es and predictions.get(q.question_id) == q.answer:
             scores.append(_avg([1.0 if predictions[e] == gold[e] else 0.0 for e in es]))
     return _avg(scores) * 100
+
+
+# ----------------------------------------------------------------------------- the submission file
+
+def write_gqa_submission(path: PathLike, predictions: Mapping[str, str]) -> None:
+    """GQA predictions [{"questionId": str, "prediction": str}]."""
+    write_json_atomic(path, [{"questionId": str(q), "prediction": str(p)} for q, p in predictions.items()])
+
+
+def read_gqa_predictions(path: PathLike) -> dict[str, str]:
+    """{questionId: prediction} from a GQA predictions file; ids are strings (integers accepted)."""
+    path = Path(path)
+    out: dict[str, str] = {}
+    for i, qid, pred in read_records(path, ("questionId", "prediction")):
+        if isinstance(qid, bool) or not isinstance(qid, str | int) or not isinstance(pred, str):
+            raise DataFormatError(f"{path}: record {i}: questionId and prediction should be strings, "
+                                  f"got {qid!r}, {pred!r:.80}")
+        if str(qid) in out:
+            raise DataFormatError(f"{path}: record {i}: question {qid!r} is predicted twice")
+        out[str(qid)] = pred
+    return out
+
+
+# ----------------------------------------------------------------------------- the record
+
+class GQABenchmark(QABenchmark):
+    """GQA: BCE over the 1842 answers (`loss=ce` for the original's cross-entropy option); the official
+    accuracy, binary / open, validity, plausibility, consistency and distribution."""
+
+    name, title = "gqa", "GQA (accuracy, official)"
+    metric_help = "GQA accuracy, binary/open, distribution, validity, plausibility, consistency"
+    annotation_file = "questions"
+    lr = 1e-5
+    load_task = staticmethod(load_gqa_task)
+    default_table = staticmethod(default_gqa_table)
+    submission_writer = staticmethod(write_gqa_submission)
+
+    def official_score(self, labels: Mapping[Any, Any], preds: Mapping[Any, Any], annotations: str,
+                       choices: str | None) -> dict[str, Any]:
+        questions = [q for q in read_gqa_questions(annotations) if q.question_id in labels]
+        answer_sets = dict(read_gqa_choices(choices)) if choices else None
+        return gqa_metrics(questions, preds, answer_sets, allow_missing=True)
+
+    def headline(self, metrics: dict[str, Any]) -> float:
+        return round(float(metrics["accuracy"]), 2)
+
+    def evaluate(self, predictions: Path, questions: Path, choices: Path | None = None,
+                 allow_missing: bool = False) -> dict:
+        """Official GQA metrics of a [{questionId, prediction}] file."""
+        preds = read_gqa_predictions(existing(Path(predictions), "--predictions"))
+        qs = read_gqa_questions(existing(Path(questions), "--questions"))
+        ch = None if choices is None else read_gqa_choices(existing(Path(choices), "--choices"))
+        return against(questions, lambda: gqa_metrics(qs, preds, ch, allow_missing=allow_missing))
+
+    def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--questions", type=Path, required=True,
+                            help="questions json (balanced or all; a folder of chunk files is read in order)")
+        parser.add_argument("--predictions", type=Path, required=True, help="[{questionId, prediction}] json")
+        parser.add_argument("--choices", type=Path, help="*_choices.json for validity and plausibility")
+
+
+GQA = GQABenchmark()

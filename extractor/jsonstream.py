@@ -1,8 +1,9 @@
-"""Incremental JSON reading and atomic writing.
+"""Incremental JSON reading, checked record fields, and atomic writing.
 
 Visual Genome and GQA ship single JSON documents of several GB; these helpers read one record at
 a time through a bounded buffer (json.JSONDecoder.raw_decode on buffered reads), so memory stays
 proportional to the largest record, not the file. Every error names the file and the record.
+The dataset readers (tasks.data.readers, the detector's annotations) check fields with `field`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from tasks.fileio import atomic_write, writing
+from extractor.fileio import atomic_write, writing
 
 CHUNK_CHARS = 1 << 20
 _NON_BLANK = re.compile(r"[^ \t\n\r]")
@@ -121,14 +122,8 @@ class _Scanner:
             self.where = f"{label}record {index}: "
             yield self.value()
             index += 1
-            sep = self.peek()
-            self._pos += 1
-            if sep == "]":
-                self.where = ""
+            if not self._more("]", "an array"):
                 return
-            if sep != ",":
-                self._pos -= 1
-                raise self.error(f"expected ',' or ']' in an array, found {sep or 'end of file'!r}")
 
     def object_members(self) -> Iterator[str]:
         """Keys of the object whose '{' is next; after each key the scanner stands at its value."""
@@ -141,14 +136,20 @@ class _Scanner:
             self.where = f"key {key!r}: "
             self.take(":")
             yield key
-            sep = self.peek()
-            self._pos += 1
-            if sep == "}":
-                self.where = ""
+            if not self._more("}", "an object"):
                 return
-            if sep != ",":
-                self._pos -= 1
-                raise self.error(f"expected ',' or '}}' in an object, found {sep or 'end of file'!r}")
+
+    def _more(self, close: str, what: str) -> bool:
+        """After a member: True at ',' (another follows), False at the closing bracket, else an error."""
+        sep = self.peek()
+        self._pos += 1
+        if sep == close:
+            self.where = ""
+            return False
+        if sep != ",":
+            self._pos -= 1
+            raise self.error(f"expected ',' or {close!r} in {what}, found {sep or 'end of file'!r}")
+        return True
 
     def finish(self) -> None:
         if self.peek():
@@ -172,14 +173,7 @@ def iter_array(path: str | os.PathLike[str], *, chunk_chars: int = CHUNK_CHARS) 
 
 def iter_object(path: str | os.PathLike[str], *, chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, Any]]:
     """(key, value) members of a file whose top-level value is an object (e.g. GQA questions)."""
-    path = Path(path)
-    with _open(path) as fh:
-        sc = _Scanner(fh, path, chunk_chars)
-        if sc.peek() != "{":
-            raise sc.error("expected a top-level JSON object")
-        for key in sc.object_members():
-            yield key, sc.value()
-        sc.finish()
+    yield from iter_members(path, (), chunk_chars=chunk_chars)
 
 
 def iter_members(
@@ -240,6 +234,64 @@ def load_json(path: str | os.PathLike[str]) -> Any:
             raise DataFormatError(f"{path}: not UTF-8 text ({err.reason})") from None
         except (RecursionError, ValueError) as err:
             raise DataFormatError(f"{path}: {_unparsable(err)}") from None
+
+
+class At:
+    """Where a record sits (file + a description formatted only when an error needs it)."""
+
+    __slots__ = ("path", "fmt", "args")
+
+    def __init__(self, path: Path, fmt: str, *args: Any) -> None:
+        self.path, self.fmt, self.args = path, fmt, args
+
+    @property
+    def where(self) -> str:
+        return self.fmt.format(*self.args)
+
+    def error(self, msg: str) -> DataFormatError:
+        return DataFormatError(f"{self.path}: {self.where}: {msg}")
+
+
+_KINDS: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "number": (int, float), "list": (list,), "dict": (dict,), "bool": (bool,),
+}
+
+
+def is_kind(value: Any, kind: str) -> bool:
+    """Whether a JSON value is of `kind` (str, int, number, list, dict, bool); a bool is no number."""
+    return isinstance(value, _KINDS[kind]) and (kind == "bool" or not isinstance(value, bool))
+
+
+def field(rec: Any, key: str, kind: str, at: At, *, optional: bool = False) -> Any:
+    """`rec[key]`, checked to be of `kind`; an error names the file, the record and the key."""
+    if not isinstance(rec, dict):
+        raise at.error(f"expected a JSON object, got {type(rec).__name__} {rec!r:.80}")
+    value = rec.get(key)
+    if value is None:
+        if optional:
+            return None
+        raise at.error(f"missing key {key!r}" if key not in rec else f"key {key!r} is null")
+    if not is_kind(value, kind):
+        raise at.error(f"key {key!r} should be {kind}, got {value!r:.80}")
+    return value
+
+
+def first_field(rec: Any, keys: tuple[str, ...], kind: str, at: At, *, optional: bool = False) -> Any:
+    """The first of `keys` present in `rec` (releases spell some keys two ways), checked like `field`."""
+    for k in keys:
+        if isinstance(rec, dict) and rec.get(k) is not None:
+            return field(rec, k, kind, at)
+    if optional:
+        return None
+    raise at.error(f"missing key {' or '.join(repr(k) for k in keys)}")
+
+
+def str_list(rec: Any, key: str, at: At) -> tuple[str, ...]:
+    """An optional list of strings (absent: empty)."""
+    values = field(rec, key, "list", at, optional=True) or []
+    if not all(isinstance(v, str) for v in values):
+        raise at.error(f"key {key!r} should be a list of strings, got {values!r:.80}")
+    return tuple(values)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

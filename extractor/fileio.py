@@ -1,14 +1,16 @@
-"""Writing files so that an OS error (disk full, I/O error, quota, read-only disk) fails cleanly.
+"""The project's file primitives: atomic writes, fsync, one-writer locks and file hashes.
 
 A failed write raises WriteError: one line naming the file and the errno, with what to do. No
 temporary file is left behind, and a finished file appears at its name whole or not at all
 (temporary sibling, fsync, rename, fsync of the folder). Every byte goes through os.write /
 os.pwrite, so tests inject faults in one place. Imports nothing from the project, so the feature
-store, the training loop and the pipeline can all use it.
+store, the detector, the training loop and the pipeline all use it.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import os
 import secrets
 import shutil
@@ -237,3 +239,51 @@ def atomic_directory(final: str | os.PathLike[str], sync: bool = True) -> Iterat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks (weights and checkpoints are hundreds of MB)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _lock_now(fd: int) -> bool:
+    """Take the exclusive lock of an open file without waiting; False when another open file holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+    return True
+
+
+def try_lock(path: str | os.PathLike[str]) -> int | None:
+    """Lock `path` (created if absent) for this process without waiting: the descriptor that holds the lock
+    (closing it releases the lock, and the kernel does if the process dies), or None when another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    locked = False
+    try:
+        locked = _lock_now(fd)
+    finally:
+        if not locked:
+            os.close(fd)
+    return fd if locked else None
+
+
+@contextmanager
+def exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock so two processes never build the same output at once; a second process waits
+    for the holder (saying who it is) instead of failing, and the kernel frees the lock if the holder dies."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _lock_now(fd):
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            print(f"[lxmert] {what} is being built by pid {holder} (lock {lock_path}); waiting for it", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

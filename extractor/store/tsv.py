@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from extractor.store import FeatureReader, FeatureStoreError, FeatureWriter, ImageFeatures, img_id_problem
-from tasks.fileio import atomic_output
+from extractor.fileio import atomic_output
+from extractor.store.reader import FeatureReader
+from extractor.store.schema import FeatureStoreError, ImageFeatures, img_id_problem
+from extractor.store.writer import FeatureWriter
 
 LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
                  "num_boxes", "boxes", "features")
