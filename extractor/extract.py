@@ -32,6 +32,7 @@ from extractor.detector.model import MIN_RESIZED_SIDE, Detections, VGDetector, i
 from extractor.detector.selection import STRATEGIES, best_labels, select_caffe, select_maxnms
 from extractor.detector.weights import load_detectron2_weights
 from extractor.images import DEFAULT_MAX_PIXELS, ImageReadError, image_id, list_images, load_image
+from extractor.progress import ProgressFn, ProgressReporter
 from extractor.reuse import Reuse, content_hash, content_hashes, extraction_key, write_sidecar
 from extractor.store import FeatureStoreError, FeatureWriter, ImageFeatures, remove_stale_parts
 
@@ -223,7 +224,7 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
                      num_workers: int | None = None, dtype: str = "float16", amp: str | None = None,
                      max_failure_ratio: float = 0.05, max_pixels: int = DEFAULT_MAX_PIXELS,
                      overwrite: bool = False, reuse: Sequence[str | os.PathLike] = (),
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Extract region features of ``images`` into the HDF5 file ``output``; returns a summary dict.
 
     images: a folder, a list file or a list of paths. boxes=N keeps exactly N per image (36 when
@@ -231,7 +232,8 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
     reuse: earlier feature files or folders of them; images whose bytes they hold (with the same weights
     and settings) are copied, not extracted. The output gets its own index (``<output>.images.jsonl``).
     Raises ExtractionError when more than max_failure_ratio of the images cannot be read. Images over
-    max_pixels are listed as failures ("too large"), see extractor.images.DEFAULT_MAX_PIXELS.
+    max_pixels are listed as failures ("too large"), see extractor.images.DEFAULT_MAX_PIXELS. `on_progress`
+    gets the images done (stored before, reused, extracted or failed) and the pace every few seconds.
     """
     if dtype not in FEATURE_DTYPES:
         raise ExtractionError(f"dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
@@ -280,6 +282,7 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
         loader = DataLoader(dataset, batch_size=batch_size,
                             num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
                             prefetch_factor=4 if workers else None, persistent_workers=False)
+        reporter = ProgressReporter(on_progress, "extract", len(paths), "img", start=len(paths) - len(todo))
         thread = _WriterThread(writer)
         thread.start()
         try:
@@ -307,6 +310,7 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
                             content[it.img_id] = None
                     extracted += len(good)
                     bar.update(len(batch))
+                    reporter.update(len(paths) - len(todo) + extracted + len(failures))
         finally:
             thread.stop()
         thread.check()

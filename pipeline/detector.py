@@ -11,6 +11,7 @@ from extractor.detector.config import DetectorConfig
 from extractor.detector.train import train_detector
 from pipeline.base import InputPathParameter, PipelineTask
 from pipeline.data import RawDataTask
+from pipeline.progress import TaskProgress
 from tasks.data.readers import read_img_id_list
 
 
@@ -68,7 +69,8 @@ class TrainDetector(RawDataTask):
                                 attributes=self.input_value("attributes") or None, output=out / self.WEIGHTS,
                                 metrics=out / "metrics.json", config_file=out / self.CONFIG, val_ids=ids,
                                 epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                                device=self.device, num_workers=self.data_workers, progress=False)
+                                device=self.device, num_workers=self.data_workers, progress=False,
+                                on_progress=TaskProgress(self))
         print(f"TrainDetector: mAP@0.5 {result['map50']} on {result['val_images']} val images "
               f"in {result['seconds']} s", flush=True)
 

@@ -16,6 +16,7 @@ from extractor.store import failures_path, merge, validate
 from extractor.store.tsv import import_tsv
 from pipeline.base import InputPathParameter, PipelineTask, param_problems, paths_of, workdir
 from pipeline.detector import TrainDetector, detector_config_problems
+from pipeline.progress import TaskProgress
 from pipeline.sources import SourcedTask, sources_in_use
 
 FEATURES = "features.h5"
@@ -124,7 +125,8 @@ class ExtractFeaturesShard(ExtractionParams, SourcedTask):
             device=self.device, batch_size=self.batch_size, dtype=self.dtype,
             num_workers=None if self.decode_workers < 0 else self.decode_workers,
             max_failure_ratio=self.max_failure_ratio, max_pixels=self.max_pixels, overwrite=True,
-            reuse=[out / FEATURES, *earlier_features()], progress=False, **boxes)
+            reuse=[out / FEATURES, *earlier_features()], progress=False, on_progress=TaskProgress(self),
+            **boxes)
         print(f"[lxmert] {self.get_task_family()} {self.output_dir().name}: {summary['extracted']} extracted, "
               f"{summary['reused']} reused from earlier outputs, {summary['resumed']} resumed, "
               f"{summary['failed']} failed", flush=True)
