@@ -26,3 +26,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The reduced demo chain (tiny world, briefly trained detector, tiny network), run once for the session:
+    (root, its luigi.cfg, the finished RunAll process)."""
+    from pipeline_helpers import run_luigi, write_config
+
+    root = tmp_path_factory.mktemp("demo")
+    config = write_config(root / "tiny.cfg")
+    proc = run_luigi(root / "work", config, "RunAll", "--local-scheduler", timeout=600)
+    return root, config, proc
