@@ -25,6 +25,7 @@ import cv2
 from extractor.detector.config import ConfigError as DetectorConfigError
 from extractor.detector.config import DetectorConfig
 from extractor.detector.labels import attribute_names, object_names
+from extractor.detector.weights import WeightsError
 from extractor.draw import box_name, draw_attention, readable, side_by_side
 from extractor.extract import ExtractionError, extract_features
 from extractor.fileio import WriteError, atomic_write, file_sha256
@@ -44,7 +45,7 @@ RELEASED_BOXES = 36  # the released LXMERT features: 36 boxes per image
 
 def detector_files(detector: str | Path) -> tuple[Path, Path | None]:
     """(weights file, its config YAML or None) of --detector: a TrainDetector folder, a folder holding one
-    weights file, or the weights file itself (with `<name>.yaml` beside it when there is one)."""
+    weights file, or the weights file itself (with `<name>.yaml` or `config.yaml` beside it when there is one)."""
     path = Path(detector)
     if path.is_dir():
         found = [path / n for n in WEIGHT_NAMES if (path / n).is_file()] or sorted(
@@ -56,7 +57,7 @@ def detector_files(detector: str | Path) -> tuple[Path, Path | None]:
         return weights, config
     if not path.is_file():
         raise InferenceError(f"--detector: no detector weights at {path}")
-    return path, path.with_suffix(".yaml") if path.with_suffix(".yaml").is_file() else None
+    return path, next((c for c in (path.with_suffix(".yaml"), path.parent / "config.yaml") if c.is_file()), None)
 
 
 def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -128,10 +129,16 @@ def draw(path: Path, images: Sequence[Path], records: Sequence[ImageFeatures], r
     """The images (side by side for a pair) shaded by the attention of the question over their boxes."""
     drawn = [draw_attention(readable(load_image(p)), r.boxes, a, extraction.names(r), (r.img_h, r.img_w))
              for p, r, a in zip(images, records, result.attention)]
-    ok, data = cv2.imencode(path.suffix or ".png", side_by_side(drawn))
+    try:
+        ok, data = cv2.imencode(path.suffix or ".png", side_by_side(drawn))
+    except cv2.error:
+        ok = False
     if not ok:
         raise InferenceError(f"--draw: {path}: cannot encode an image of that kind (use .png or .jpg)")
-    atomic_write(path, data.tobytes())
+    try:
+        atomic_write(path, data.tobytes())
+    except WriteError as e:
+        raise InferenceError(f"--draw: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +182,10 @@ def run(args: argparse.Namespace) -> str:
         raise InferenceError(f"--top: must be >= 1, got {args.top}")
     encode_text(ft, text, option)  # a text too long is refused before any extraction
     for image in args.image:
-        load_image(image)
+        try:
+            load_image(image)
+        except ImageReadError as e:
+            raise InferenceError(f"--image: {e}") from None
     extraction = Extraction(ft, args.detector, args.detector_config, args.boxes)
     with tempfile.TemporaryDirectory(prefix="lxmert-ask-") as work:
         records = [extraction.features(image, Path(work), args.device) for image in args.image]
@@ -200,7 +210,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 USER_ERRORS = (InferenceError, FileNotFoundError, ImageReadError, CheckpointError, ConfigError, DetectorConfigError,
-               ExtractionError, FeatureStoreError, DataFormatError, WriteError)
+               WeightsError, ExtractionError, FeatureStoreError, DataFormatError, WriteError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
