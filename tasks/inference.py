@@ -8,6 +8,7 @@ and over the question's word pieces ([CLS] and [SEP] left out): one share per bo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from extractor.jsonstream import load_json
 from extractor.store import ImageFeatures
 from tasks.benchmarks import BENCHMARKS, Benchmark
 from tasks.data.answers import AnswerTable
+from tasks.data.features import open_stores
 from tasks.data.tokenization import load_tokenizer, vocab_beside
-from tasks.finetune import INFERENCE_RECORD
+from tasks.finetune import INFERENCE_RECORD, FinetuneConfig, inference_record
+from tasks.training.runconfig import load_json as load_config
 
 DEFAULT_MAX_SEQ_LENGTH = 20  # the original fine-tuning's, for a released model without a record
 
@@ -61,7 +64,7 @@ def locate_model(path: str | Path) -> tuple[Path, dict | None]:
     path = Path(path)
     if not path.exists():
         raise InferenceError(f"--model: no model at {path}")
-    if (path / INFERENCE_RECORD).is_file():
+    if (path / INFERENCE_RECORD).is_file() or _earlier_run(path):
         metrics = load_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
         if "weights" in metrics:  # an evaluation folder: the fine-tuned weights it scored
             weights = Path(metrics["weights"])
@@ -71,11 +74,39 @@ def locate_model(path: str | Path) -> tuple[Path, dict | None]:
             weights = path / ("best" if (path / "best").is_dir() else "final")
         if not weights.exists():
             raise InferenceError(f"--model: {path} is a fine-tuning run, but its weights {weights} are gone")
-        record_dir = weights.parent if (weights.parent / INFERENCE_RECORD).is_file() else path
-        return weights, load_json(record_dir / INFERENCE_RECORD)
-    if (path.parent / INFERENCE_RECORD).is_file():
-        return path, load_json(path.parent / INFERENCE_RECORD)
+        record_dir = weights.parent if _run_folder(weights.parent) else path
+        return weights, _record(record_dir)
+    if _run_folder(path.parent):
+        return path, _record(path.parent)
     return path, None
+
+
+def _run_folder(folder: Path) -> bool:
+    return (folder / INFERENCE_RECORD).is_file() or _earlier_run(folder)
+
+
+def _earlier_run(folder: Path) -> bool:
+    """A fine-tuning run from before runs kept inference.json: its config.json is a FinetuneConfig."""
+    config = folder / "config.json"
+    if (folder / INFERENCE_RECORD).is_file() or not config.is_file():
+        return False
+    data = load_json(config)
+    return isinstance(data, dict) and data.get("task") in BENCHMARKS and "train_files" in data
+
+
+def _record(folder: Path) -> dict:
+    """The run's inference.json; for an earlier run, the same record made from the files its config.json
+    names, when they are still there."""
+    if (folder / INFERENCE_RECORD).is_file():
+        return load_json(folder / INFERENCE_RECORD)
+    cfg = load_config(FinetuneConfig, folder / "config.json")
+    missing = [p for p in [*cfg.features, cfg.answers or ""] if p and not Path(p).is_file()]
+    if missing:
+        raise InferenceError(f"--model: {folder} was fine-tuned before runs kept {INFERENCE_RECORD}, and the files "
+                             f"its config.json names are gone ({missing[0]}); give --task and --answers")
+    with ExitStack() as stack:
+        stores = [stack.enter_context(store) for store in open_stores(cfg.features)]
+        return inference_record(cfg, stores, cfg.benchmark.answer_table(cfg.answers))
 
 
 def load_finetuned(path: str | Path, task: str | None = None, answers: str | Path | None = None,

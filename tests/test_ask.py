@@ -21,7 +21,7 @@ from tasks.benchmarks import BENCHMARKS
 from tasks.benchmarks.datasets import collate_task
 from tasks.data.batches import model_inputs
 from tasks.data.features import open_stores
-from tasks.inference import answer, load_finetuned
+from tasks.inference import InferenceError, answer, load_finetuned
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the pipeline ran on one thread: the same arithmetic
 
@@ -178,3 +178,29 @@ def test_bad_input_is_one_line_and_exit_2(run, capsys, tmp_path):
         code, out, err = ask(capsys, *args)
         assert (code, out) == (2, ""), (starts, out, err)
         assert err.startswith("error: " + starts) and err.count("\n") == 1, (starts, err)
+
+
+def test_an_image_is_refused_when_its_features_would_differ_from_the_models(run, tmp_path):
+    folder, _ = run.evaluation("vqa")
+    model = load_finetuned(folder)
+    model.features[0]["resize_mode"] = "longest"  # a setting this extraction does not apply
+    extraction = Extraction(model, run.detector.parent, None, None)
+    expected = r"--image: .*\.png: its features would differ from the model's training features in 'resize_mode' "
+    with pytest.raises(InferenceError, match=expected + r"\(None here, 'longest' in training\)"):
+        extraction.features(next(iter(run.images.values())), tmp_path, "cpu")
+
+
+def test_a_run_from_before_inference_json_is_read_from_its_config(run, capsys, tmp_path):
+    folder, predictions = run.evaluation("vqa")
+    earlier = tmp_path / "FinetuneVQA" / "earlier"
+    shutil.copytree(folder, earlier, ignore=shutil.ignore_patterns("inference.json", "checkpoints"))
+    e = next(e for e in run.valid("vqa") if e["question_id"] in predictions)
+    args = ["--model", earlier, "--detector", run.detector, "--image", run.images[e["img_id"]], "--question", e["sent"]]
+    code, out, _ = ask(capsys, *args)
+    assert code == 0 and out.splitlines()[1].split()[1] == predictions[e["question_id"]]
+    config = json.loads((earlier / "config.json").read_text())
+    (earlier / "config.json").write_text(json.dumps({**config, "features": [str(tmp_path / "gone.h5")]}))
+    code, _, err = ask(capsys, *args)
+    assert code == 2 and err == (f"error: --model: {earlier} was fine-tuned before runs kept inference.json, and the "
+                                 f"files its config.json names are gone ({tmp_path / 'gone.h5'}); give --task and "
+                                 "--answers\n")
