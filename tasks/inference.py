@@ -58,9 +58,10 @@ class Answer:
     attention: list[np.ndarray]
 
 
-def locate_model(path: str | Path) -> tuple[Path, dict | None]:
+def locate_model(path: str | Path, task: str | None = None) -> tuple[Path, dict | None]:
     """(the weights to load, the fine-tuning run's record or None) of a fine-tuning run folder (its chosen
-    model), an evaluation folder (the weights it evaluated), a model folder inside a run, or any other model."""
+    model), an evaluation folder (the weights it evaluated), a model folder inside a run, or any other model.
+    `task` given, an earlier run whose record cannot be rebuilt is taken as a model without one."""
     path = Path(path)
     if not path.exists():
         raise InferenceError(f"--model: no model at {path}")
@@ -75,9 +76,9 @@ def locate_model(path: str | Path) -> tuple[Path, dict | None]:
         if not weights.exists():
             raise InferenceError(f"--model: {path} is a fine-tuning run, but its weights {weights} are gone")
         record_dir = weights.parent if _run_folder(weights.parent) else path
-        return weights, _record(record_dir)
+        return weights, _record(record_dir, task)
     if _run_folder(path.parent):
-        return path, _record(path.parent)
+        return path, _record(path.parent, task)
     return path, None
 
 
@@ -94,13 +95,15 @@ def _earlier_run(folder: Path) -> bool:
     return isinstance(data, dict) and data.get("task") in BENCHMARKS and "train_files" in data
 
 
-def _record(folder: Path) -> dict:
+def _record(folder: Path, task: str | None) -> dict | None:
     """The run's inference.json; for an earlier run, the same record made from the files its config.json
-    names, when they are still there."""
+    names, when they are still there (else None when `task` is given, an error when not)."""
     if (folder / INFERENCE_RECORD).is_file():
         return load_json(folder / INFERENCE_RECORD)
     cfg = load_config(FinetuneConfig, folder / "config.json")
     missing = [p for p in [*cfg.features, cfg.answers or ""] if p and not Path(p).is_file()]
+    if missing and task is not None:
+        return None
     if missing:
         raise InferenceError(f"--model: {folder} was fine-tuned before runs kept {INFERENCE_RECORD}, and the files "
                              f"its config.json names are gone ({missing[0]}); give --task and --answers")
@@ -114,7 +117,7 @@ def load_finetuned(path: str | Path, task: str | None = None, answers: str | Pat
     """The model at `path` (see `locate_model`) in eval mode. A run of this project says its benchmark, answer
     table and feature settings; any other model (a transformers folder, an original *.pth) needs `task`, and
     takes the released answer table unless `answers` (an ans2label json) names another."""
-    weights, record = locate_model(path)
+    weights, record = locate_model(path, task)
     if record is not None and task is not None and task != record["task"]:
         raise InferenceError(f"--task: {task} given, but {path} was fine-tuned on {record['task']}")
     name = record["task"] if record is not None else task

@@ -36,5 +36,7 @@ def demo_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo")
     config = write_config(root / "tiny.cfg")
-    proc = run_luigi(root / "work", config, "RunAll", "--local-scheduler", timeout=600)
+    # --no-lock: Luigi's process lock is keyed on the command line alone, so another session running the same
+    # RunAll on this machine would make this one exit 0 at once, having done nothing
+    proc = run_luigi(root / "work", config, "RunAll", "--local-scheduler", "--no-lock", timeout=600)
     return root, config, proc

@@ -204,3 +204,8 @@ def test_a_run_from_before_inference_json_is_read_from_its_config(run, capsys, t
     assert code == 2 and err == (f"error: --model: {earlier} was fine-tuned before runs kept inference.json, and the "
                                  f"files its config.json names are gone ({tmp_path / 'gone.h5'}); give --task and "
                                  "--answers\n")
+    table = tmp_path / "ans2label.json"
+    table.write_text(json.dumps({a: i for i, a in enumerate(json.loads((folder / "inference.json").read_text())
+                                                          ["answers"])}))
+    code, out, err = ask(capsys, *args, "--task", "vqa", "--answers", table, "--boxes", "8")
+    assert code == 0 and err.startswith("note: ") and len(out.splitlines()) == 7
