@@ -25,8 +25,9 @@ class TaskProgress:
 
     def __call__(self, p: Progress) -> None:
         text = p.message()
-        self.task.set_status_message(text)
-        self.task.set_progress_percentage(round(100 * p.fraction, 1))
+        if self.task.set_status_message is not None:  # None outside a Luigi worker (a task's run() called directly)
+            self.task.set_status_message(text)
+            self.task.set_progress_percentage(round(100 * p.fraction, 1))
         now = progress.clock()
         if self.printed is None or now - self.printed >= PRINT_EVERY or p.done >= p.total:
             self.printed = now

@@ -2,6 +2,7 @@
 from a Luigi task run, the training loop's and the detector's reports, and a launched command's lines."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from typing import Any
@@ -18,7 +19,7 @@ from extractor import progress
 from extractor.detector.train import train_detector
 from extractor.progress import LINE_PREFIX, Progress, ProgressReporter, duration
 from pipeline.features import ExtractFeatures
-from pipeline.progress import stream_child
+from pipeline.progress import TaskProgress, stream_child
 from tasks.training.loop import train
 
 
@@ -132,3 +133,21 @@ def test_a_launched_command_hands_its_progress_lines_to_the_task(capsys):
     assert seen == [sent] and capsys.readouterr().out == "hello\nbye\n"
     with pytest.raises(subprocess.CalledProcessError):
         stream_child([sys.executable, "-c", "import sys; sys.exit(3)"], {}, seen.append)
+
+
+def test_every_long_task_of_runall_prints_its_progress(demo_run):
+    _, _, proc = demo_run
+    assert proc.returncode == 0
+    for family, what in (("TrainDetector", "detector step"), ("ExtractFeaturesShard", "extract img"),
+                         ("PretrainLXMERT", "train step"), ("FinetuneVQA", "train step"),
+                         ("FinetuneGQA", "train step"), ("FinetuneNLVR2", "train step")):
+        lines = re.findall(rf"\[lxmert\] {family} [0-9a-f]+: {what} (\d+)/(\d+) \(100\.0%\)", proc.stdout)
+        assert lines and all(done == total for done, total in lines), family  # each run reports its last unit
+
+
+def test_a_task_run_outside_a_luigi_worker_still_prints(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LXMERT_WORKDIR", str(tmp_path / "work"))
+    task = ExtractFeatures(images=str(tmp_path), weights=str(tmp_path / "w.pkl"), config="tiny", boxes=5, shards=1)
+    assert task.set_status_message is None  # Luigi sets it only in a worker
+    TaskProgress(task)(Progress("extract", 1, 2, "img", 1.0))
+    assert capsys.readouterr().out == f"[lxmert] ExtractFeatures {task.output_dir().name}: extract img 1/2 (50.0%)\n"
