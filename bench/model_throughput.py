@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import transformers
+from gpu_peaks import peak_tflops
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import LxmertConfig, LxmertForPreTraining
@@ -126,7 +127,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak of the device for MFU (default: 989 for an H100 in bf16, else none)")
+                   help="peak of the device for MFU (default: bench/gpu_peaks.py's for a known GPU)")
     p.add_argument("--layers", type=int, nargs=3, default=None, metavar=("L", "X", "R"),
                    help="smaller layer counts for a quick run (default: base 9 5 5)")
     args = p.parse_args()
@@ -180,8 +181,8 @@ def main() -> None:
                 print(f"  step {i - args.warmup}: {run.name:12s} {wall:7.3f} s wall {cpu:7.2f} s cpu",
                       flush=True)
 
-    peak = args.peak_tflops or (989.0 if cuda and args.dtype == "bf16" else None)
     name = torch.cuda.get_device_name(device) if cuda else cpu_name()
+    peak = args.peak_tflops or (peak_tflops(name, args.dtype) if cuda else None)
     print(f"\ndevice {name}, {torch.get_num_threads()} threads, {args.dtype}, batch {args.batch}, "
           f"{args.seq} tokens, {args.boxes} boxes, layers {cfg.l_layers}/{cfg.x_layers}/{cfg.r_layers}, "
           f"{args.steps} steps each (median / min: the min is the least disturbed by other processes)")

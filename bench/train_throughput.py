@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_peaks import peak_tflops
 from torch import nn
 
 from tasks.data.answers import default_pretrain_table
@@ -71,8 +72,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--impl", nargs="+", default=["ours", "hf"], choices=["ours", "hf"])
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak for the AMP dtype (default: 989 for H100 bf16/fp16, else none)")
+                   help="device peak for the AMP dtype (default: bench/gpu_peaks.py's for a known GPU)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="CUDA: warn where our loop makes the host wait for the GPU (torch's sync debug mode)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--world", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -132,6 +135,8 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     device = resolve_device(args.device)
     clock = Clock(args, device)
+    if args.sync_debug and device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")  # each place the host waits for the GPU warns once
     with tempfile.TemporaryDirectory() as tmp:
         cfg = pretrain_config(args, Path(tmp) / "run")
         torch.manual_seed(cfg.train.seed)
@@ -202,6 +207,8 @@ def measure(args: argparse.Namespace, impl: str, world: str, argv: list[str]) ->
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"{impl} failed:\n{done.stderr[-3000:]}")
+    if args.sync_debug:
+        print(f"--- {impl}: where the host waited for the GPU ---\n{done.stderr}", file=sys.stderr)
     return json.loads(line[len("RESULT "):])
 
 
@@ -228,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[impl].append(measure(args, impl, tmp, argv))
     device = resolve_device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    peak = args.peak_tflops
-    if peak is None and gpu and args.amp != "none" and "H100" in gpu:
-        peak = 989.0
+    peak = args.peak_tflops or peak_tflops(gpu, args.amp)
     results = {}
     for impl, rs in runs.items():
         r = {key: statistics.median(x[key] for x in rs) for key in rs[0]}

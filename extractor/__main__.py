@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from extractor.detector.config import NAMED_CONFIGS, ConfigError
+from extractor.detector.config import NAMED_CONFIGS, RESIZE_MODES, ConfigError
+from extractor.detector.model import DEFAULT_REGION_CHUNK
 from extractor.detector.selection import STRATEGIES
 from extractor.detector.weights import UnsafePickleError, WeightsError
 from extractor.extract import FEATURE_DTYPES, ExtractionError, extract_features
@@ -31,7 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images per detector call")
     p.add_argument("--workers", type=int, default=None, help="image decoding workers (default: a few)")
     p.add_argument("--dtype", choices=FEATURE_DTYPES, default="float16", help="stored feature dtype")
-    p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast on CUDA")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="autocast: bf16 or fp16 on CUDA, bf16 on CPUs with bf16 instructions (AVX-512 BF16, AMX); "
+                        "the RPN and the predictors stay float32")
+    p.add_argument("--resize", choices=RESIZE_MODES, default=None,
+                   help="input rule: caffe (bottom-up-attention's generate_tsv.py, the released features) or "
+                        "detectron2 (py-bottom-up-attention's); default: the config's (caffe for VG-R101-C4 / "
+                        "VG-R50-C4, detectron2 for tiny and detectors trained here)")
+    p.add_argument("--tf32", action="store_true",
+                   help="let CUDA run float32 convolutions and matmuls in TF32 (faster on Ampere and later; the "
+                        "features then differ from the CPU's by TF32 rounding)")
+    p.add_argument("--region-chunk", type=int, default=DEFAULT_REGION_CHUNK,
+                   help=f"regions res5 runs on at once (memory only; default {DEFAULT_REGION_CHUNK})")
     p.add_argument("--max-failure-ratio", type=float, default=0.05,
                    help="stop when more than this share of the images cannot be read")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -56,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             min_boxes=args.min_boxes, max_boxes=args.max_boxes, selection=args.selection, device=args.device,
             batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype, amp=args.amp,
             max_failure_ratio=args.max_failure_ratio, max_pixels=args.max_pixels, overwrite=args.overwrite,
-            reuse=args.reuse,
+            reuse=args.reuse, resize=args.resize, tf32=args.tf32, region_chunk=args.region_chunk,
             progress=not args.no_progress)
     except (ConfigError, ExtractionError, WeightsError, UnsafePickleError, FeatureStoreError,
             FileNotFoundError, FileExistsError, ValueError) as e:
@@ -65,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{s['output']}: {s['stored']} images stored ({s['extracted']} extracted now, "
           f"{s['reused']} reused, {s['resumed']} resumed, {s['failed']} failed), "
           f"{s['boxes_per_image']:.1f} boxes/image, "
-          f"{s['images_per_second']:.2f} img/s on {s['device']}, config {s['config']}, "
+          f"{s['images_per_second']:.2f} img/s on {s['device']} ({s['amp'] or 'float32'}), config {s['config']} "
+          f"({s['resize']} resize), "
           f"{s['box_strategy']} {s['boxes']} boxes")
     return 0
 

@@ -1,8 +1,10 @@
 """Feature extraction driver: images -> detector -> box selection -> HDF5 feature store.
 
 The command line and the Luigi tasks both call ``extract_features``. Decoding and resizing run in
-DataLoader workers, the detector on the main thread, and HDF5 writes on a writer thread, so the
-device waits for neither. A rerun resumes: images the feature store already holds are skipped.
+DataLoader workers, the detector on the main thread, and box selection and HDF5 writes on a writer
+thread, so the device waits for neither: each batch's detections reach the host in one copy (one
+synchronisation), and selection runs there on the CPU while the device computes the next batch.
+A rerun resumes: images the feature store already holds are skipped.
 Images whose bytes an earlier output with the same detector and settings holds are copied from it
 (``reuse``, see extractor.reuse), so a grown folder costs only its new images.
 Unreadable images are listed in ``<output>.failures.jsonl``; they are committed to the store only
@@ -17,7 +19,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from extractor.detector.config import DetectorConfig
-from extractor.detector.model import MIN_RESIZED_SIDE, Detections, VGDetector, image_to_tensor, resize_image
+from extractor.detector.config import RESIZE_MODES, DetectorConfig
+from extractor.detector.model import (
+    DEFAULT_REGION_CHUNK,
+    MIN_RESIZED_SIDE,
+    Detections,
+    VGDetector,
+    boxes_to_original,
+    preprocess,
+)
 from extractor.detector.selection import STRATEGIES, best_labels, select_caffe, select_maxnms
 from extractor.detector.weights import load_detectron2_weights
 from extractor.images import DEFAULT_MAX_PIXELS, ImageReadError, image_id, list_images, load_image
@@ -81,19 +90,16 @@ def box_rule(strategy: str, boxes: int | None, min_boxes: int | None, max_boxes:
 
 
 def to_record(img_id: str, original_size: tuple[int, int], det: Detections, rule: BoxRule,
-              dtype: str) -> ImageFeatures:
-    """Select one image's boxes and turn them into a feature-store record in original-image pixels."""
+              dtype: str, scale: float | None = None) -> ImageFeatures:
+    """Select one image's boxes and turn them into a feature-store record in original-image pixels
+    (scale: the caffe resize's factor, None for detectron2's, see model.boxes_to_original)."""
     if rule.strategy == "caffe":
         keep, boxes = select_caffe(det.proposals, det.scores, min_boxes=rule.min_boxes,
                                    max_boxes=rule.max_boxes)
     else:
         keep, boxes = select_maxnms(det.boxes, det.scores, min_boxes=rule.min_boxes, max_boxes=rule.max_boxes)
     h, w = original_size
-    rh, rw = det.image_size
-    scale = boxes.new_tensor([w / rw, h / rh, w / rw, h / rh])
-    boxes = boxes.float() * scale
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    boxes = boxes_to_original(boxes, original_size, det.image_size, scale)
     obj_id, obj_conf = best_labels(det.scores[keep])
     if det.attr_scores is not None:
         attr_id, attr_conf = best_labels(det.attr_scores[keep])
@@ -119,6 +125,7 @@ class _Item:
     original_size: tuple[int, int]
     error: str | None
     sha256: str | None = None  # the file's bytes after decoding: equal to the hash before, it vouches for them
+    scale: float | None = None  # the caffe resize's factor (boxes are divided by it); None for detectron2's
 
     def pin_memory(self) -> _Item:
         """Called by the DataLoader (pin_memory=True) so host-to-GPU copies can overlap compute."""
@@ -128,10 +135,10 @@ class _Item:
 
 
 class _ImageDataset(Dataset):
-    """Decode and resize in the DataLoader workers; a bad image becomes an _Item with an error."""
+    """Decode and resize (the config's rule) in the DataLoader workers; a bad image becomes an _Item with an error."""
 
-    def __init__(self, paths: Sequence[Path], min_size: int, max_size: int, max_pixels: int) -> None:
-        self.paths, self.min_size, self.max_size, self.max_pixels = list(paths), min_size, max_size, max_pixels
+    def __init__(self, paths: Sequence[Path], cfg: DetectorConfig, max_pixels: int) -> None:
+        self.paths, self.cfg, self.max_pixels = list(paths), cfg, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -143,38 +150,68 @@ class _ImageDataset(Dataset):
         except ImageReadError as e:
             return _Item(str(path), image_id(path), None, (0, 0), e.reason)
         h, w = image.shape[:2]
-        resized = resize_image(image, self.min_size, self.max_size)
-        if min(resized.shape[:2]) < MIN_RESIZED_SIDE:
-            reason = (f"too thin: {w}x{h} resizes to {resized.shape[1]}x{resized.shape[0]}, "
-                      f"under {MIN_RESIZED_SIDE} px")
+        tensor, scale = preprocess(image, self.cfg)
+        rh, rw = tensor.shape[-2:]
+        if min(rh, rw) < MIN_RESIZED_SIDE:
+            reason = f"too thin: {w}x{h} resizes to {rw}x{rh}, under {MIN_RESIZED_SIDE} px"
             return _Item(str(path), image_id(path), None, (h, w), reason)
-        return _Item(str(path), image_id(path), image_to_tensor(resized), (h, w), None, content_hash(path))
+        return _Item(str(path), image_id(path), tensor, (h, w), None, content_hash(path), scale)
 
 
 def _collate(items: list[_Item]) -> list[_Item]:
     return items
 
 
-class _WriterThread(threading.Thread):
-    """Moves records from a queue into the FeatureWriter so HDF5 writes never stall the detector."""
+def to_host(dets: list[Detections], rule: BoxRule) -> list[Detections]:
+    """The detections box selection reads, on the CPU, in ONE device-to-host copy (one synchronisation) per
+    batch; the class boxes (R, C, 4) only for the maxnms rule (empty (R, 0, 4) under caffe, which keeps
+    the proposals). Detections already on the CPU are returned as they are."""
+    if not dets or dets[0].scores.device.type == "cpu":
+        return dets
 
-    def __init__(self, writer: FeatureWriter, maxsize: int = 256) -> None:
+    def fields(d: Detections) -> list[torch.Tensor]:
+        out = [d.proposals, d.scores, d.features]
+        out += [d.attr_scores] if d.attr_scores is not None else []
+        return out + ([d.boxes] if rule.strategy == "maxnms" else [])
+
+    tensors = [t for d in dets for t in fields(d)]
+    flat = torch.cat([t.reshape(-1).float() for t in tensors]).cpu()
+    host = iter([part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+    out = []
+    for d in dets:
+        proposals, scores, features = next(host), next(host), next(host)
+        attr = next(host) if d.attr_scores is not None else None
+        boxes = next(host) if rule.strategy == "maxnms" else proposals.new_empty((proposals.shape[0], 0, 4))
+        out.append(Detections(d.image_size, proposals, scores, boxes, features, attr))
+    return out
+
+
+class _WriterThread(threading.Thread):
+    """Selects each batch's boxes on the CPU and writes the records, so neither stalls the detector."""
+
+    def __init__(self, writer: FeatureWriter, rule: BoxRule, dtype: str, maxsize: int = 8) -> None:
         super().__init__(name="feature-writer", daemon=True)
-        self.writer = writer
-        self.queue: queue.Queue[ImageFeatures | None] = queue.Queue(maxsize=maxsize)
+        self.writer, self.rule, self.dtype = writer, rule, dtype
+        self.queue: queue.Queue[list[tuple[_Item, Detections]] | None] = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
+        self.kept_boxes = 0
 
     def run(self) -> None:
-        while (rec := self.queue.get()) is not None:
+        while (batch := self.queue.get()) is not None:
             if self.error is None:  # after an error keep draining so the producer never blocks
                 try:
-                    self.writer.add(rec)
+                    with torch.inference_mode():
+                        for it, det in batch:
+                            rec = to_record(it.img_id, it.original_size, det, self.rule, self.dtype, it.scale)
+                            self.writer.add(rec)
+                            self.kept_boxes += rec.num_boxes
                 except BaseException as e:  # handed to the main thread, which re-raises it
                     self.error = e
 
-    def put(self, rec: ImageFeatures) -> None:
+    def put(self, batch: list[tuple[_Item, Detections]]) -> None:
+        """Queue one batch's host detections (to_host) for selection and writing."""
         self.check()
-        self.queue.put(rec)
+        self.queue.put(batch)
 
     def check(self) -> None:
         if self.error is not None:
@@ -186,17 +223,63 @@ class _WriterThread(threading.Thread):
         self.join()
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX, per torch's cpuinfo; on Linux also the
+    kernel's flags, which name ARM's bf16 too): elsewhere bf16 is emulated, slower than float32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(check is not None and check() for check in checks):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def _resolve_device(device: str | torch.device, amp: str | None) -> tuple[torch.device, Any]:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractionError(f"device={device!r} but CUDA is not available here")
+    """The device (cuda:N made the current CUDA device, so pinned memory and kernels go to it) and the
+    autocast context for amp: bf16 / fp16 on CUDA, bf16 on CPUs with bf16 instructions."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ExtractionError(f"device={device!r} is not a device (cpu, cuda or cuda:N): {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ExtractionError(f"device={device!r} but CUDA is not available here")
+        if dev.index is not None:
+            if dev.index >= torch.cuda.device_count():
+                raise ExtractionError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) "
+                                      "are visible (CUDA_VISIBLE_DEVICES renumbers them from 0)")
+            torch.cuda.set_device(dev)
     if amp is None:
         return dev, contextlib.nullcontext
     if amp not in AMP_DTYPES:
         raise ExtractionError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    if dev.type != "cuda":
-        raise ExtractionError(f"amp={amp!r} needs device='cuda' (got {device!r})")
-    return dev, lambda: torch.autocast("cuda", dtype=AMP_DTYPES[amp])
+    if dev.type == "cpu" and amp == "fp16":
+        raise ExtractionError("amp='fp16' needs device='cuda'; on a CPU with bf16 instructions use amp='bf16'")
+    if dev.type == "cpu" and not cpu_has_bf16():
+        raise ExtractionError("amp='bf16' on the CPU needs bf16 instructions (AVX-512 BF16 or AMX), which this "
+                              "CPU lacks: leave amp unset (float32)")
+    if dev.type not in ("cuda", "cpu"):
+        raise ExtractionError(f"amp={amp!r} needs device='cuda' or 'cpu' (got {device!r})")
+    return dev, lambda: torch.autocast(dev.type, dtype=AMP_DTYPES[amp])
+
+
+@contextlib.contextmanager
+def tf32_mode(device: torch.device, enabled: bool) -> Iterator[None]:
+    """On CUDA, float32 convolutions and matmuls in TF32 only when asked (cuDNN allows it by default on
+    Ampere and later), so float32 features agree with the CPU reference; restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "tf32" if enabled else "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 def default_workers() -> int:
@@ -224,7 +307,8 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
                      num_workers: int | None = None, dtype: str = "float16", amp: str | None = None,
                      max_failure_ratio: float = 0.05, max_pixels: int = DEFAULT_MAX_PIXELS,
                      overwrite: bool = False, reuse: Sequence[str | os.PathLike] = (),
-                     progress: bool = True, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+                     progress: bool = True, resize: str | None = None, tf32: bool = False,
+                     region_chunk: int = DEFAULT_REGION_CHUNK, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Extract region features of ``images`` into the HDF5 file ``output``; returns a summary dict.
 
     images: a folder, a list file or a list of paths. boxes=N keeps exactly N per image (36 when
@@ -232,8 +316,11 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
     reuse: earlier feature files or folders of them; images whose bytes they hold (with the same weights
     and settings) are copied, not extracted. The output gets its own index (``<output>.images.jsonl``).
     Raises ExtractionError when more than max_failure_ratio of the images cannot be read. Images over
-    max_pixels are listed as failures ("too large"), see extractor.images.DEFAULT_MAX_PIXELS. `on_progress`
-    gets the images done (stored before, reused, extracted or failed) and the pace every few seconds.
+    max_pixels are listed as failures ("too large"), see extractor.images.DEFAULT_MAX_PIXELS.
+    resize: "caffe" or "detectron2" overrides the config's input rule (None: the config's). amp: "bf16" or
+    "fp16" autocast on CUDA, "bf16" on CPUs with bf16 instructions. tf32: let CUDA run float32 convolutions
+    and matmuls in TF32 (off by default). region_chunk: regions res5 runs on at once (memory, not features).
+    `on_progress` gets the images done (stored before, reused, extracted or failed) and the pace every few seconds.
     """
     if dtype not in FEATURE_DTYPES:
         raise ExtractionError(f"dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
@@ -246,8 +333,15 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
         raise ExtractionError(f"max_failure_ratio must be in [0, 1], got {max_failure_ratio}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ExtractionError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if isinstance(region_chunk, bool) or not isinstance(region_chunk, int) or region_chunk < 1:
+        raise ExtractionError(f"region_chunk must be a positive integer, got {region_chunk!r}")
+    if resize is not None and resize not in RESIZE_MODES:
+        raise ExtractionError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     dev, autocast = _resolve_device(device, amp)
     cfg = DetectorConfig.load(config)
+    if resize is not None:
+        cfg = cfg.replace(resize=resize)
+    tf32 = bool(tf32) and dev.type == "cuda"
     rule = box_rule(selection, boxes, min_boxes, max_boxes)
     output = Path(output)
     if output.exists():
@@ -262,13 +356,17 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
     model = VGDetector(cfg)
     sha = load_detectron2_weights(model, weights)
     model.to(dev).eval()
+    if amp is not None and dev.type == "cpu":  # oneDNN's bf16 convolutions want NHWC (docs/extractor.md)
+        model.to(memory_format=torch.channels_last)
+    model.roi_heads.region_chunk = region_chunk
     attrs = {"detector_config": cfg.to_dict(), "weights_sha256": sha, "box_strategy": rule.strategy,
-             "min_boxes": rule.min_boxes, "max_boxes": rule.max_boxes, "amp": amp or "none"}
+             "min_boxes": rule.min_boxes, "max_boxes": rule.max_boxes, "amp": amp or "none",
+             "resize": cfg.resize, "tf32": tf32}
     key = extraction_key(attrs, dtype, dev.type)
 
     start = time.perf_counter()
     failures: list[tuple[str, str, str]] = []
-    extracted = kept_boxes = 0
+    extracted = 0
     allowed_failures = math.floor(max_failure_ratio * len(paths))
     content = dict(zip(ids, content_hashes(paths)))  # before decoding: what the index vouches for
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -278,12 +376,12 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
         todo = [(p, i) for p, i in zip(paths, ids) if i not in done]
         reused = _reuse_earlier(writer, todo, content, reuse, key)
         todo = [p for p, i in todo if i not in reused]
-        dataset = _ImageDataset(todo, cfg.min_size_test, cfg.max_size_test, max_pixels)
+        dataset = _ImageDataset(todo, cfg, max_pixels)
         loader = DataLoader(dataset, batch_size=batch_size,
                             num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
                             prefetch_factor=4 if workers else None, persistent_workers=False)
         reporter = ProgressReporter(on_progress, "extract", len(paths), "img", start=len(paths) - len(todo))
-        thread = _WriterThread(writer)
+        thread = _WriterThread(writer, rule, dtype, maxsize=max(2, 64 // batch_size))
         thread.start()
         try:
             with tqdm(total=len(todo), disable=not progress, unit="img", desc="extract") as bar:
@@ -298,13 +396,10 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
                             f"{failures[0][2]}. Finished images are kept; fix or remove the bad ones "
                             "(or raise max_failure_ratio) and rerun to resume.")
                     if good:
-                        with torch.inference_mode():
+                        with torch.inference_mode(), tf32_mode(dev, tf32):
                             with autocast():
                                 dets = model([it.image.to(dev, non_blocking=True) for it in good])
-                            for it, det in zip(good, dets):  # selection in float32, outside autocast
-                                rec = to_record(it.img_id, it.original_size, det, rule, dtype)
-                                kept_boxes += rec.num_boxes
-                                thread.put(rec)
+                            thread.put(list(zip(good, to_host(dets, rule))))  # selected there, in float32
                     for it in good:  # a file rewritten while it was read is stored but not indexed
                         if it.sha256 != content[it.img_id]:
                             content[it.img_id] = None
@@ -314,6 +409,7 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
         finally:
             thread.stop()
         thread.check()
+        kept_boxes = thread.kept_boxes
         compute_s = time.perf_counter() - start
         for path, img_id, reason in failures:
             writer.add_failure(path, img_id, reason)
@@ -329,5 +425,6 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
         "boxes_per_image": kept_boxes / extracted if extracted else 0.0,
         "seconds": round(compute_s, 3), "images_per_second": extracted / compute_s if compute_s > 0 else 0.0,
         "weights_sha256": sha, "config": cfg.name, "box_strategy": rule.strategy, "boxes": rule.span(),
-        "device": str(dev), "batch_size": batch_size, "dtype": dtype, "amp": amp,
+        "device": str(dev), "batch_size": batch_size, "dtype": dtype, "amp": amp, "resize": cfg.resize,
+        "tf32": tf32,
     }

@@ -1,11 +1,12 @@
 """Reuse of features from earlier outputs, so a rerun over a grown folder runs the detector on new images only.
 
 Every feature file the driver writes gets a sidecar ``<file>.images.jsonl``: a header line holding the
-extraction key (everything that changes an image's features: detector weights and config, box rule,
-dtype, autocast, device type, ``REUSE_VERSION``) and one line ``[img_id, sha256 of the image file]`` per
-image. A later run with the same key copies the rows of images whose bytes it finds in such a file
-instead of extracting them again. Nothing is copied aside: the index is the sidecars of the outputs that
-exist, so reuse costs no disk, and deleting an old output only forgoes what it could have given.
+extraction key (everything that changes an image's features: detector weights and config, the input
+resize rule, box rule, dtype, autocast, TF32, device type, ``REUSE_VERSION``) and one line
+``[img_id, sha256 of the image file]`` per image. A later run with the same key copies the rows of images
+whose bytes it finds in such a file instead of extracting them again. Nothing is copied aside: the index
+is the sidecars of the outputs that exist, so reuse costs no disk, and deleting an old output only forgoes
+what it could have given.
 The sidecar is written (temporary file, fsync, rename) before the feature file it describes, by the run
 that computed the rows, and a source is used only when its attributes agree with the key, so a kill at
 any moment never leaves an index line that gives wrong features.
@@ -29,7 +30,8 @@ REUSE_VERSION = 1
 """Part of every key: raise it when decoding, the detector's maths or box selection change what the same
 image, weights and settings give, so features computed before are no longer reused."""
 
-KEY_ATTRS = ("weights_sha256", "detector_config", "box_strategy", "min_boxes", "max_boxes", "amp")
+KEY_ATTRS = ("weights_sha256", "detector_config", "resize", "box_strategy", "min_boxes", "max_boxes", "amp",
+             "tf32")
 
 
 def extraction_key(attrs: Mapping[str, Any], dtype: str, device: str) -> dict[str, Any]:

@@ -34,6 +34,17 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+def compute_dtype_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An fp32 additive mask in the dtype attention runs in under autocast (bf16, fp16), kept finite.
+
+    fp32's lowest value rounds to -inf in bf16 and fp16, and a row whose keys are all masked (an image
+    without boxes) then attends to nothing (zeros, or NaN in some kernels) instead of uniformly, as
+    in fp32. Half the dtype's lowest value stays finite, still zeroes every masked key, and leaves room
+    to add a score in fp16 without overflowing.
+    """
+    return mask.clamp(min=torch.finfo(dtype).min / 2).to(dtype)
+
+
 _FAST_CPU_DROPOUT = True
 
 
@@ -63,7 +74,7 @@ def _cpu_keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
     """
     n = x.numel()
     threshold = round(p * 65536)
-    draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
     uniform16 = draws.view(torch.int16)[:n].view(x.shape)  # each uniform on [-32768, 32767]
     return uniform16 >= threshold - 32768, 65536 / (65536 - threshold)
 
@@ -154,6 +165,8 @@ class Attention(nn.Module):
         q = self.split_heads(self.query(x))
         k = self.split_heads(self.key(context))
         v = self.split_heads(self.value(context))
+        if mask is not None and mask.dtype != q.dtype:
+            mask = compute_dtype_mask(mask, q.dtype)
         p = self.dropout_p if self.training else 0.0
         probs = None
         if output_attentions or (p > 0 and _fast_cpu_path(q)):

@@ -92,6 +92,26 @@ def mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return total / valid.sum().clamp(min=1)
 
 
+def target_rows(labels: Tensor | None = None, obj_labels: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+                ans: Tensor | None = None) -> dict[str, Tensor]:
+    """Flat indices of the rows each pretraining loss reads: "mlm" the positions of `labels >= 0` in
+    (B * L) row-major order, "qa" the rows of `ans >= 0`, and per visual key the boxes of non-zero
+    weight in (B * O).
+
+    Where the targets are built (the collate functions, on the host) this costs nothing; the network
+    then gathers rows of a known count. Computed on a GPU, each boolean selection must wait for the
+    device to learn its size, which stalls the host once per loss and micro-batch.
+    """
+    rows = {}
+    if labels is not None:
+        rows["mlm"] = (labels.reshape(-1) >= 0).nonzero().flatten()
+    if ans is not None:
+        rows["qa"] = (ans.reshape(-1) >= 0).nonzero().flatten()
+    for key, (_, weight) in (obj_labels or {}).items():
+        rows[key] = (weight.reshape(-1) != 0).nonzero().flatten()
+    return rows
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -233,11 +253,15 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         obj_labels: Mapping[str, tuple[Tensor, Tensor]] | None = None,
         matched_label: Tensor | None = None,
         ans: Tensor | None = None,
+        rows: Mapping[str, Tensor] | None = None,
     ) -> LxmertForPreTrainingOutput:
         """Targets: labels (B, L) word ids; obj_labels {"obj": (ids, conf), "attr": (ids, conf),
         "feat": (feats, mask)} per box; matched_label (B,) 1 = matched; ans (B,) answer ids.
-        Negative ids (-100, -1) are ignored."""
+        Negative ids (-100, -1) are ignored. `rows`, the `target_rows` of these targets computed where
+        they were built, spares the device-to-host waits of finding them here."""
         cfg = self.config
+        if rows is None:
+            rows = target_rows(labels, obj_labels, ans)
         out = self.lxmert(input_ids, visual_feats, visual_pos, attention_mask, visual_attention_mask,
                           token_type_ids)
         pooled = out.pooled_output
@@ -247,26 +271,26 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         if labels is None:
             word_logits = self.cls.predictions(out.language_output)
         else:
-            picked = labels >= 0
-            masked_logits = self.cls.predictions(out.language_output[picked])
+            picked = rows["mlm"]
+            masked_logits = self.cls.predictions(out.language_output.flatten(0, 1).index_select(0, picked))
             if cfg.task_mask_lm:
-                losses["mlm"] = mean_cross_entropy(masked_logits, labels[picked])
+                losses["mlm"] = mean_cross_entropy(masked_logits, labels.reshape(-1).index_select(0, picked))
 
         match_logits = self.cls.seq_relationship(pooled)
         if matched_label is not None and cfg.task_matched:
             losses["matched"] = mean_cross_entropy(match_logits, matched_label)
 
         if obj_labels is not None and cfg.task_obj_predict:
-            losses.update(self.visual_losses(out.vision_output, obj_labels))
+            losses.update(self.visual_losses(out.vision_output, obj_labels, rows))
 
         answer_logits = None
         if cfg.task_qa:
             if ans is None:
                 answer_logits = self.answer_head(pooled)
             else:
-                valid = ans >= 0
-                answer_logits = self.answer_head(pooled[valid])
-                losses["qa"] = mean_cross_entropy(answer_logits, ans[valid])
+                valid = rows["qa"]
+                answer_logits = self.answer_head(pooled.index_select(0, valid))
+                losses["qa"] = mean_cross_entropy(answer_logits, ans.reshape(-1).index_select(0, valid))
 
         given = any(t is not None for t in (labels, obj_labels, matched_label, ans))
         return LxmertForPreTrainingOutput(
@@ -278,12 +302,12 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             losses=losses,
         )
 
-    def visual_losses(self, vision_output: Tensor, obj_labels: Mapping[str, tuple[Tensor, Tensor]]
-                      ) -> dict[str, Tensor]:
+    def visual_losses(self, vision_output: Tensor, obj_labels: Mapping[str, tuple[Tensor, Tensor]],
+                      rows: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Each enabled visual loss as mean over all boxes of (per-box loss x weight) x normalizer.
 
         Weights are detector confidences (obj, attr) or the mask of masked boxes (feat); decoders run
-        only on boxes of non-zero weight, which leaves the mean unchanged.
+        only on the boxes of non-zero weight (`rows`, see `target_rows`), which leaves the mean unchanged.
         """
         head = self.obj_predict_head
         states = head.transform(vision_output).flatten(0, 1)
@@ -291,15 +315,15 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         for key, decoder in head.decoder_dict.items():
             target, weight = obj_labels[key]
             weight = weight.reshape(-1)
-            rows = weight != 0
-            pred = decoder(states[rows]).float()
+            picked = rows[key]
+            pred = decoder(states.index_select(0, picked)).float()
             if key == "feat":
-                target = target.flatten(0, 1)[rows].float()
+                target = target.flatten(0, 1).index_select(0, picked).float()
                 per_box = F.smooth_l1_loss(pred, target, reduction="none").mean(1)
             else:
-                target = target.reshape(-1)[rows]
+                target = target.reshape(-1).index_select(0, picked)
                 per_box = F.cross_entropy(pred, target.masked_fill(target < 0, -100), reduction="none")
-            weighted = (per_box * weight[rows]).sum() / weight.numel()
+            weighted = (per_box * weight.index_select(0, picked)).sum() / weight.numel()
             losses[key] = weighted * self.config.visual_loss_normalizer
         return losses
 

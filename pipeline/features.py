@@ -8,6 +8,7 @@ from typing import Any
 
 import luigi
 
+from extractor.detector.model import DEFAULT_REGION_CHUNK
 from extractor.extract import extract_features
 from extractor.images import DEFAULT_MAX_PIXELS, list_images
 from extractor.jsonstream import write_text_atomic
@@ -46,8 +47,17 @@ class ExtractionParams:
     max_failure_ratio = luigi.FloatParameter(default=0.05)
     max_pixels = luigi.IntParameter(default=DEFAULT_MAX_PIXELS,
                                     description="larger images are listed as failures ('too large')")
+    resize = luigi.ChoiceParameter(choices=["", "caffe", "detectron2"], default="",
+                                   description="input rule; empty: the detector config's (caffe for the released "
+                                               "VG configs, detectron2 for detectors trained here)")
+    amp = luigi.ChoiceParameter(choices=["none", "bf16", "fp16"], default="none",
+                                description="autocast: bf16 / fp16 on CUDA, bf16 on CPUs with bf16 instructions "
+                                            "(it changes the features, so it names the output)")
+    tf32 = luigi.BoolParameter(default=False, description="TF32 float32 convolutions and matmuls on CUDA")
     device = luigi.Parameter(default="cpu", significant=False)
     batch_size = luigi.IntParameter(default=1, significant=False)
+    region_chunk = luigi.IntParameter(default=DEFAULT_REGION_CHUNK, significant=False,
+                                      description="regions res5 runs on at once (memory only)")
     decode_workers = luigi.IntParameter(default=-1, significant=False,
                                         description="image-decoding DataLoader workers; -1: automatic")
 
@@ -56,7 +66,8 @@ class ExtractionParams:
     def extraction_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (
             "images", "weights", "config", "boxes", "min_boxes", "max_boxes", "selection", "dtype",
-            "max_failure_ratio", "max_pixels", "device", "batch_size", "decode_workers")}
+            "max_failure_ratio", "max_pixels", "resize", "amp", "tf32", "device", "batch_size", "region_chunk",
+            "decode_workers")}
 
     def trains_detector(self) -> bool:
         """No weights given and the sources file has none but says what to train: TrainDetector makes them."""
@@ -122,7 +133,8 @@ class ExtractFeaturesShard(ExtractionParams, SourcedTask):
         # folder: it is rebuilt from itself through its index (same task, so same inputs and settings)
         summary = extract_features(
             paths[lo:hi], src["weights"], out / FEATURES, config=src["config"], selection=self.selection,
-            device=self.device, batch_size=self.batch_size, dtype=self.dtype,
+            device=self.device, batch_size=self.batch_size, dtype=self.dtype, resize=self.resize or None,
+            amp=None if self.amp == "none" else self.amp, tf32=self.tf32, region_chunk=self.region_chunk,
             num_workers=None if self.decode_workers < 0 else self.decode_workers,
             max_failure_ratio=self.max_failure_ratio, max_pixels=self.max_pixels, overwrite=True,
             reuse=[out / FEATURES, *earlier_features()], progress=False, on_progress=TaskProgress(self),

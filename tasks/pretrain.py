@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from extractor.jsonstream import DataFormatError, iter_array, write_json_atomic
 from extractor.progress import ProgressFn, launched_progress
 from extractor.store import FeatureReader, ImageFeatures
+from model.modeling import target_rows
 from tasks.data.answers import AnswerTable, convert_label, default_pretrain_table
 from tasks.data.batches import IGNORE, model_inputs, pad
 from tasks.data.features import locate_images, open_stores, read_image
@@ -263,7 +264,8 @@ def collate_pretrain(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
     Padded boxes get zero confidence and zero feature mask, so they weigh nothing in the visual
     losses. A batch with no masked word or no answer label carries None for that target, so the
-    loss is skipped instead of averaging over nothing.
+    loss is skipped instead of averaging over nothing. `target_rows` holds the rows each loss reads,
+    found here on the host so that the network never waits for a GPU to find them.
     """
     n_words = max(len(e["input_ids"]) for e in examples)
     n_boxes = max(len(e["visual_feats"]) for e in examples)
@@ -271,7 +273,7 @@ def collate_pretrain(examples: list[dict[str, Any]]) -> dict[str, Any]:
     ids = pad([e["input_ids"] for e in examples], n_words, torch.long)
     labels = pad([e["labels"] for e in examples], n_words, torch.long, value=IGNORE)
     ans = torch.tensor([e["ans"] for e in examples], dtype=torch.long)
-    return {
+    batch = {
         "ids": [e["id"] for e in examples],
         "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
         "input_ids": ids,
@@ -293,6 +295,8 @@ def collate_pretrain(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "matched_label": torch.tensor([e["matched"] for e in examples], dtype=torch.long),
         "ans": ans if bool((ans != IGNORE).any()) else None,
     }
+    batch["target_rows"] = target_rows(batch["labels"], batch["obj_labels"], batch["ans"])
+    return batch
 
 
 # ----------------------------------------------------------------------------- config and model
@@ -415,7 +419,7 @@ def targets(batch: dict[str, Any], cfg: PretrainConfig, epoch: int) -> dict[str,
 def make_step(cfg: PretrainConfig) -> StepFn:
     """The loop's step function: forward with targets, the total loss and each objective's part."""
     def step(model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> StepOutput:
-        out = model(**model_inputs(batch), **targets(batch, cfg, ctx.epoch))
+        out = model(**model_inputs(batch), **targets(batch, cfg, ctx.epoch), rows=batch["target_rows"])
         return StepOutput(out.loss, dict(getattr(out, "losses", None) or {}))
     return step
 
@@ -435,11 +439,12 @@ def evaluate(model: nn.Module, dataset: PretrainDataset, indices: Sequence[int],
     names = ["loss", *OBJECTIVES, "qa_score"]
     sums = torch.zeros(len(names), dtype=torch.float64, device=env.device)
     counts = torch.zeros(len(names), dtype=torch.float64, device=env.device)
-    for batch in loader:
-        batch = to_device(batch, env.device)
+    qa_hits, qa_rows = 0.0, 0  # summed on the host: the rows and example indices come from the host batch
+    for host in loader:
+        batch = to_device(host, env.device)
         given = targets(batch, cfg, epoch)
         with autocast(cfg.train.amp, env.device):
-            out = model(**model_inputs(batch), **given)
+            out = model(**model_inputs(batch), **given, rows=batch["target_rows"])
         n = len(batch["ids"])
         sums[0] += out.loss.double() * n
         counts[0] += n
@@ -449,13 +454,14 @@ def evaluate(model: nn.Module, dataset: PretrainDataset, indices: Sequence[int],
                 counts[names.index(k)] += n
         if given["ans"] is not None:
             # with targets the network scores only rows with an answer (matched, labelled pairs)
-            rows = (given["ans"] >= 0).nonzero().flatten().tolist()
-            preds = out.question_answering_score.argmax(-1).tolist()
+            rows = host["target_rows"]["qa"].tolist()
+            preds = out.question_answering_score.argmax(-1).tolist()  # one copy to the host per batch
             for row, pred in zip(rows, preds):
-                answers, scores = dataset.corpus.label(int(batch["index"][row]))
+                answers, scores = dataset.corpus.label(int(host["index"][row]))
                 hit = scores[answers == pred]
-                sums[-1] += float(hit[0]) if len(hit) else 0.0
-                counts[-1] += 1
+                qa_hits += float(hit[0]) if len(hit) else 0.0
+                qa_rows += 1
+    sums[-1], counts[-1] = qa_hits, qa_rows
     all_reduce_sum(env, sums, counts)
     return {f"valid_{k}": float(sums[i] / counts[i]) for i, k in enumerate(names) if counts[i] > 0}
 

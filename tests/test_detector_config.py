@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from extractor.detector.config import ConfigError, DetectorConfig
+from extractor.detector.config import ConfigError, DetectorConfig, save_config_yaml
 from extractor.detector.labels import attribute_names, display_name, object_names
 from extractor.detector.model import VGDetector
 
@@ -68,7 +68,28 @@ SOLVER:
 """)
     cfg = DetectorConfig.load(tmp_path / "faster_rcnn_R_101_C4_attr_caffemaxpool.yaml")
     assert cfg.name == "faster_rcnn_R_101_C4_attr_caffemaxpool"
-    assert cfg.replace(name="VG-R101-C4") == DetectorConfig.load("VG-R101-C4")
+    # the same network; its input is Detectron2's resize, as py-bottom-up-attention runs it
+    assert cfg.resize == "detectron2"
+    assert cfg.replace(name="VG-R101-C4", resize="caffe") == DetectorConfig.load("VG-R101-C4")
+    yml = tmp_path / "faster_rcnn_R_101_C4_attr_caffemaxpool.yaml"
+    yml.write_text(yml.read_text().replace("  MAX_SIZE_TEST: 1000", "  MAX_SIZE_TEST: 1000\n  RESIZE: caffe"))
+    assert DetectorConfig.load(yml).replace(name="VG-R101-C4") == DetectorConfig.load("VG-R101-C4")
+
+
+def test_resize_modes_of_the_named_configs_and_yaml(tmp_path):
+    assert DetectorConfig.load("VG-R101-C4").resize == "caffe"  # the released weights' own input rule
+    assert DetectorConfig.load("VG-R50-C4").resize == "caffe"
+    assert DetectorConfig.load("tiny").resize == "detectron2"  # trained here, one rule at train and test
+    assert DetectorConfig.load("detectron2-C4").resize == "detectron2"
+    yml = tmp_path / "r.yaml"
+    yml.write_text("_BASE_: tiny\nINPUT: {RESIZE: caffe}\n")
+    assert DetectorConfig.load(yml).resize == "caffe"
+    yml.write_text("_BASE_: tiny\nINPUT: {RESIZE: opencv}\n")
+    with pytest.raises(ConfigError, match="resize must be one of"):
+        DetectorConfig.load(yml)
+    saved = save_config_yaml(DetectorConfig.load("tiny").replace(resize="caffe"), tmp_path / "out" / "c.yaml")
+    assert "RESIZE: caffe" in saved.read_text()
+    assert DetectorConfig.load(saved).resize == "caffe"
 
 
 def test_yaml_on_a_named_base_with_own_labels(tmp_path):

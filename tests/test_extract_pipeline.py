@@ -150,7 +150,9 @@ def test_parameter_errors_name_the_parameter(workdir, tmp_path):
                             ({"boxes": 0}, "boxes must be a positive integer"),
                             ({"selection": "greedy"}, "selection must be one of"),
                             ({"dtype": "bfloat16"}, "dtype must be one of"),
-                            ({"amp": "bf16"}, "amp='bf16' needs device='cuda'"),
+                            ({"amp": "fp16"}, "amp='fp16' needs device='cuda'"),
+                            ({"resize": "opencv"}, "resize must be one of"),
+                            ({"region_chunk": 0}, "region_chunk must be a positive integer"),
                             ({"batch_size": 0}, "batch_size must be a positive integer")]:
         with pytest.raises(ExtractionError, match=message):
             extract_features(*common, config="tiny", progress=False, **kwargs)

@@ -23,6 +23,10 @@ from extractor.fileio import atomic_write, writing
 
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 POOLER_TYPES = ("ROIPool", "ROIAlign", "ROIAlignV2")
+# How an image becomes the network's input (extractor.detector.model.preprocess): "caffe" is the original
+# bottom-up-attention's (generate_tsv.py), which made the released features; "detectron2" is
+# ResizeShortestEdge's, as py-bottom-up-attention and the detectors trained here see images.
+RESIZE_MODES = ("caffe", "detectron2")
 # Largest log-scale change a box delta may ask for (Detectron2's clamp: a 16 px box to 1000 px).
 SCALE_CLAMP = math.log(1000.0 / 16)
 
@@ -46,9 +50,11 @@ class DetectorConfig:
     caffe_maxpool: bool = True
     pixel_mean: tuple[float, float, float] = (102.9801, 115.9465, 122.7717)
     pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    # Test-time resize: shortest side to min_size_test, longest side at most max_size_test.
+    # Test-time resize: shortest side to min_size_test, longest side at most max_size_test, by the rule
+    # `resize` names (RESIZE_MODES).
     min_size_test: int = 600
     max_size_test: int = 1000
+    resize: str = "caffe"
     # Region proposal network on C4 (stride 16).
     anchor_sizes: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)
     anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -78,6 +84,8 @@ class DetectorConfig:
             problems.append(f"num_blocks must be 4 positive counts (res2..res5), got {self.num_blocks}")
         if self.pooler_type not in POOLER_TYPES:
             problems.append(f"pooler_type must be one of {POOLER_TYPES}, got {self.pooler_type!r}")
+        if self.resize not in RESIZE_MODES:
+            problems.append(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.min_size_test <= 0 or self.max_size_test < self.min_size_test:
             problems.append(f"need 0 < min_size_test <= max_size_test, got {self.min_size_test}, "
                             f"{self.max_size_test}")
@@ -159,15 +167,17 @@ def _check_label_files(cfg: DetectorConfig) -> None:
 
 _VG_R101 = DetectorConfig()
 _VG_R50 = _VG_R101.replace(name="VG-R50-C4", num_blocks=RESNET_BLOCKS[50])
-# Same structure, a fraction of the width and depth: for tests and the CPU demo.
+# Same structure, a fraction of the width and depth: for tests and the CPU demo. Detectors trained here
+# see images by one rule at training and test time, Detectron2's (the Caffe rule matters for the released
+# weights, which were trained and run with it).
 _TINY = _VG_R101.replace(
     name="tiny", num_blocks=(1, 1, 2, 1), stem_out_channels=16, res2_out_channels=32, width_per_group=8,
     rpn_hidden_channels=64, min_size_test=224, max_size_test=384, rpn_pre_nms_topk=1000,
-    rpn_post_nms_topk=100)
+    rpn_post_nms_topk=100, resize="detectron2")
 # Detectron2's own C4 defaults, for YAML files whose _BASE_ is Detectron2's Base-RCNN-C4.yaml.
 _D2_C4 = _VG_R101.replace(
     name="detectron2-C4", num_blocks=RESNET_BLOCKS[50], caffe_maxpool=False,
-    pixel_mean=(103.530, 116.280, 123.675), min_size_test=800, max_size_test=1333,
+    pixel_mean=(103.530, 116.280, 123.675), min_size_test=800, max_size_test=1333, resize="detectron2",
     anchor_sizes=(32.0, 64.0, 128.0, 256.0, 512.0), rpn_hidden_channels=-1, rpn_post_nms_topk=1000,
     num_classes=80, pooler_type="ROIAlignV2", res5_halve=True, attribute_on=False)
 
@@ -242,6 +252,7 @@ _MAPPED: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "MODEL.PIXEL_STD": ("pixel_std", _floats(3)),
     "INPUT.MIN_SIZE_TEST": ("min_size_test", _int),
     "INPUT.MAX_SIZE_TEST": ("max_size_test", _int),
+    "INPUT.RESIZE": ("resize", _str),
     "MODEL.ANCHOR_GENERATOR.SIZES": ("anchor_sizes", _one_level),
     "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": ("anchor_ratios", _one_level),
     "MODEL.ANCHOR_GENERATOR.OFFSET": ("anchor_offset", _float),

@@ -7,6 +7,17 @@ ceil_mode, stride in the 1x1 conv, RPN anchors centred on cell corners (offset 0
 box deltas weighted (1,1,1,1) in the RPN and (10,10,5,5) in the box head, boxes clipped to the image,
 background as the LAST class of ``cls_score`` and of ``attr_score``.
 
+Input rule (``cfg.resize``): "caffe" is the original bottom-up-attention's ``_get_image_blob``: the pixel
+means subtracted from the float image, ONE scale factor, ``cv2.resize`` bilinear on the float image, boxes
+mapped back by dividing by that factor; "detectron2" is ResizeShortestEdge's: PIL bilinear on the uint8
+image (antialiased when shrinking), per-axis size ratios for the boxes. Either way the worker hands the
+model its input tensor: uint8 pixels (detectron2, normalised on the device) or the already normalised
+float image (caffe).
+
+Precision: under autocast (CUDA bf16/fp16, CPU bf16) the backbone and res5 run in the low precision; the
+RPN head and the box/class/attribute predictors run in float32 (bf16 objectness logits tie, so top-k and
+NMS would pick among equals arbitrarily), and RoI pooling runs in float32 with float32 boxes.
+
 Batching rule: padding images to a common size changes every border activation after the first
 conv, and users lost GQA accuracy to it. The backbone and RPN therefore run on groups of images of
 identical size only (no padding ever); the RoI head, where most of the time goes, runs on the
@@ -18,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,6 +43,9 @@ from extractor.detector.config import SCALE_CLAMP, DetectorConfig
 C4_STRIDE = 16
 # A resized image must give the backbone at least one C4 cell.
 MIN_RESIZED_SIDE = C4_STRIDE
+# Regions res5 runs on at once: about 5-7 MB of float32 activations each in R101 (one image's 300 proposals
+# take 1.5-2 GB); any chunk gives the same features (res5 sees each region alone).
+DEFAULT_REGION_CHUNK = 300
 
 
 # ---------------------------------------------------------------- test-time input
@@ -55,8 +70,54 @@ def resize_image(image: np.ndarray, min_size: int, max_size: int) -> np.ndarray:
 
 
 def image_to_tensor(image: np.ndarray) -> Tensor:
-    """HxWx3 uint8 BGR array -> 3xHxW uint8 tensor (kept uint8 so DataLoader workers ship 4x less)."""
+    """HxWx3 BGR array -> 3xHxW tensor of the same dtype (uint8 stays uint8: DataLoader workers ship 4x less)."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def caffe_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """The original's one scale factor: shortest side to min_size unless the longest would pass max_size."""
+    scale = float(min_size) / float(min(height, width))
+    if np.round(scale * max(height, width)) > max_size:
+        scale = float(max_size) / float(max(height, width))
+    return scale
+
+
+def caffe_input(image: np.ndarray, pixel_mean: Sequence[float], pixel_std: Sequence[float], min_size: int,
+                max_size: int) -> tuple[np.ndarray, float]:
+    """(HxWx3 float32 network input, scale): means subtracted from the float image, then one cv2 bilinear
+    resize by the scale, as bottom-up-attention's _get_image_blob (std 1 there; other stds divide after)."""
+    h, w = image.shape[:2]
+    scale = caffe_scale(h, w, min_size, max_size)
+    im = image.astype(np.float32, copy=True)
+    im -= np.asarray(pixel_mean, dtype=np.float64)  # float64 means, as the original's cfg.PIXEL_MEANS
+    im = cv2.resize(im, None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    if any(s != 1.0 for s in pixel_std):
+        im /= np.asarray(pixel_std, dtype=np.float32)
+    return im, scale
+
+
+def preprocess(image: np.ndarray, cfg: DetectorConfig) -> tuple[Tensor, float | None]:
+    """Original HxWx3 uint8 BGR image -> (the detector's 3xhxw input, the caffe scale or None) by cfg.resize:
+    caffe gives the normalised float32 image, detectron2 the resized uint8 pixels (normalised on the device)."""
+    if cfg.resize == "caffe":
+        im, scale = caffe_input(image, cfg.pixel_mean, cfg.pixel_std, cfg.min_size_test, cfg.max_size_test)
+        return image_to_tensor(im), scale
+    return image_to_tensor(resize_image(image, cfg.min_size_test, cfg.max_size_test)), None
+
+
+def boxes_to_original(boxes: Tensor, original_size: tuple[int, int], resized_size: tuple[int, int],
+                      scale: float | None) -> Tensor:
+    """(n, 4) boxes in input pixels -> original pixels, clipped to the image: divided by the caffe scale
+    (generate_tsv's ``rois / im_scale``), or, with scale None (detectron2), times the per-axis size ratios."""
+    h, w = original_size
+    if scale is not None:
+        out = boxes.float() / scale
+    else:
+        rh, rw = resized_size
+        out = boxes.float() * boxes.new_tensor([w / rw, h / rh, w / rw, h / rh], dtype=torch.float32)
+    out[:, 0::2] = out[:, 0::2].clamp(0, w)
+    out[:, 1::2] = out[:, 1::2].clamp(0, h)
+    return out
 
 
 # ---------------------------------------------------------------- backbone
@@ -150,6 +211,26 @@ class ResNetC4(nn.Module):
 
 # ---------------------------------------------------------------- region proposals
 
+class BoxDecoder(BoxCoder):
+    """torchvision's BoxCoder (weights, scale clamp, encode) with a decode that makes no tensor from a Python
+    number: torchvision's makes two per call, each a synchronous host-to-device copy on CUDA. The same
+    arithmetic element by element (centre shift, clamped log-scale, half sizes), so the same boxes."""
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        """(R, 4K) deltas applied to (R, 4) boxes -> (R, 4K) boxes x1 y1 x2 y2."""
+        boxes = boxes.to(rel_codes.dtype)
+        n, k = rel_codes.shape[0], rel_codes.shape[1] // 4
+        size = boxes[:, 2:] - boxes[:, :2]  # (R, 2) width, height
+        centre = boxes[:, :2] + 0.5 * size
+        deltas = rel_codes.reshape(n, k, 4)
+        wx, wy, ww, wh = self.weights
+        shift = torch.stack((deltas[..., 0] / wx, deltas[..., 1] / wy), dim=-1)
+        log_scale = torch.stack((deltas[..., 2] / ww, deltas[..., 3] / wh), dim=-1).clamp(max=self.bbox_xform_clip)
+        new_centre = shift * size[:, None] + centre[:, None]
+        half = 0.5 * (torch.exp(log_scale) * size[:, None])
+        return torch.cat((new_centre - half, new_centre + half), dim=-1).reshape(n, 4 * k)
+
+
 def cell_anchors(sizes: Sequence[float], ratios: Sequence[float]) -> Tensor:
     """(A, 4) anchors centred on 0, size-major then ratio (Detectron2's order and maths, no rounding)."""
     out = []
@@ -184,8 +265,9 @@ class RPNHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        t = F.relu(self.conv(x))
-        return self.objectness_logits(t), self.anchor_deltas(t)
+        with torch.autocast(x.device.type, enabled=False):  # float32 logits: no ties for top-k and NMS
+            t = F.relu(self.conv(x.float()))
+            return self.objectness_logits(t), self.anchor_deltas(t)
 
 
 class RegionProposalNetwork(nn.Module):
@@ -197,7 +279,7 @@ class RegionProposalNetwork(nn.Module):
         self.rpn_head = RPNHead(in_channels, hidden, cfg.num_anchors)
         self.register_buffer("cell_anchors", cell_anchors(cfg.anchor_sizes, cfg.anchor_ratios),
                              persistent=False)
-        self.box_coder = BoxCoder(cfg.rpn_bbox_reg_weights, bbox_xform_clip=SCALE_CLAMP)
+        self.box_coder = BoxDecoder(cfg.rpn_bbox_reg_weights, bbox_xform_clip=SCALE_CLAMP)
         self.anchor_offset = cfg.anchor_offset
         self.pre_nms_topk = cfg.rpn_pre_nms_topk
         self.post_nms_topk = cfg.rpn_post_nms_topk
@@ -221,6 +303,7 @@ class RegionProposalNetwork(nn.Module):
         boxes = clip_boxes_to_image(boxes, image_size)
         wh = boxes[:, 2:] - boxes[:, :2]
         keep = (wh > self.min_size).all(dim=1) & torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+        keep = torch.where(keep)[0]  # one nonzero (one host sync on CUDA) for both gathers
         boxes, scores = boxes[keep], scores[keep]
         keep = nms(boxes, scores, self.nms_thresh)[: self.post_nms_topk]
         return boxes[keep]
@@ -251,12 +334,16 @@ class BoxPredictor(nn.Module):
 
     def attribute_logits(self, features: Tensor, classes: Tensor) -> Tensor:
         """Attribute logits given each region's class (at test time its argmax, background included)."""
-        x = torch.cat([features, self.cls_embedding(classes).to(features.dtype)], dim=-1)
-        return self.attr_score(F.relu(self.fc_attr(x)))
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.float()
+            x = torch.cat([features, self.cls_embedding(classes).to(features.dtype)], dim=-1)
+            return self.attr_score(F.relu(self.fc_attr(x)))
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        logits = self.cls_score(features)
-        deltas = self.bbox_pred(features)
+        with torch.autocast(features.device.type, enabled=False):  # float32 even under autocast
+            features = features.float()
+            logits = self.cls_score(features)
+            deltas = self.bbox_pred(features)
         attrs = self.attribute_logits(features, logits.argmax(dim=-1)) if self.attribute_on else None
         return logits, deltas, attrs
 
@@ -275,18 +362,30 @@ class Res5RoIHeads(nn.Module):
         self.pooler_type = cfg.pooler_type
         self.resolution = cfg.pooler_resolution
         self.sampling_ratio = cfg.pooler_sampling_ratio
+        self.region_chunk = DEFAULT_REGION_CHUNK
 
     def pool(self, features: Tensor, boxes: list[Tensor]) -> Tensor:
-        """(sum R_i, C, S, S) region maps of the images stacked in features, boxes in image pixels."""
+        """(sum R_i, C, S, S) region maps of the images stacked in features, boxes in image pixels.
+
+        Pooled in float32 with float32 boxes and returned in the features' dtype, as torchvision's CUDA
+        autocast wrapper does (it has none for the CPU, where low-precision features failed).
+        """
         size, scale = (self.resolution, self.resolution), 1.0 / C4_STRIDE
-        if self.pooler_type == "ROIPool":
-            return roi_pool(features, boxes, size, scale)
-        return roi_align(features, boxes, size, scale, sampling_ratio=self.sampling_ratio,
-                         aligned=self.pooler_type == "ROIAlignV2")
+        rois = [b.float() for b in boxes]
+        with torch.autocast(features.device.type, enabled=False):
+            if self.pooler_type == "ROIPool":
+                out = roi_pool(features.float(), rois, size, scale)
+            else:
+                out = roi_align(features.float(), rois, size, scale, sampling_ratio=self.sampling_ratio,
+                                aligned=self.pooler_type == "ROIAlignV2")
+        return out.to(features.dtype)
 
     def forward(self, pooled: Tensor) -> Tensor:
-        """Region features (R, D): res5 on the pooled maps, then the spatial mean."""
-        return self.res5(pooled).mean(dim=(2, 3))
+        """Region features (R, D): res5 on the pooled maps, region_chunk regions at a time, then the spatial
+        mean (each region is computed alone, so the chunk bounds memory without changing features)."""
+        if pooled.shape[0] <= self.region_chunk:
+            return self.res5(pooled).mean(dim=(2, 3))
+        return torch.cat([self.res5(part).mean(dim=(2, 3)) for part in pooled.split(self.region_chunk)])
 
 
 # ---------------------------------------------------------------- the detector
@@ -312,7 +411,7 @@ class VGDetector(nn.Module):
         self.backbone = ResNetC4(cfg)
         self.proposal_generator = RegionProposalNetwork(cfg, self.backbone.out_channels)
         self.roi_heads = Res5RoIHeads(cfg, self.backbone.out_channels)
-        self.box_coder = BoxCoder(cfg.bbox_reg_weights, bbox_xform_clip=SCALE_CLAMP)
+        self.box_coder = BoxDecoder(cfg.bbox_reg_weights, bbox_xform_clip=SCALE_CLAMP)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), persistent=False)
         for m in self.modules():
@@ -323,21 +422,24 @@ class VGDetector(nn.Module):
         self.eval()
 
     def prepare(self, image: np.ndarray) -> Tensor:
-        """Original HxWx3 uint8 BGR image -> resized 3xhxw uint8 tensor, ready for forward()."""
-        return image_to_tensor(resize_image(image, self.cfg.min_size_test, self.cfg.max_size_test))
+        """Original HxWx3 uint8 BGR image -> the 3xhxw input of forward() by the config's resize rule."""
+        return preprocess(image, self.cfg)[0]
 
     def normalize(self, images: Tensor) -> Tensor:
-        """(N, 3, H, W) BGR 0..255 -> mean-subtracted, std-divided float (Caffe style)."""
+        """(N, 3, H, W) input -> the network's float input: uint8 BGR pixels are mean-subtracted and
+        std-divided here; a float input is already normalised (the caffe rule does it before resizing)."""
+        if images.is_floating_point():
+            return images.to(self.pixel_mean.device, torch.float32)
         return (images.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std
 
     def predict(self, features: Tensor, proposals: list[Tensor],
                 image_sizes: Sequence[tuple[int, int]]) -> list[Detections]:
         """Class/box/attribute predictions for regions already pooled; features (sum R_i, D)."""
         logits, deltas, attr_logits = self.roi_heads.box_predictor(features)
-        counts = [len(p) for p in proposals]
+        counts = [p.shape[0] for p in proposals]  # sizes, not len(): a fake tensor's size may be symbolic
         all_props = torch.cat(proposals)
         boxes = self.box_coder.decode_single(deltas.float(), all_props.float())
-        boxes = boxes.view(len(all_props), self.cfg.num_classes, 4)
+        boxes = boxes.view(-1, self.cfg.num_classes, 4)
         scores = F.softmax(logits.float(), dim=-1).split(counts)
         attr = F.softmax(attr_logits.float(), dim=-1).split(counts) if attr_logits is not None else None
         out = []
@@ -354,13 +456,14 @@ class VGDetector(nn.Module):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, s in enumerate(sizes):
             groups.setdefault(s, []).append(i)
-        proposals: list[Tensor] = [torch.empty(0)] * len(images)
-        pooled: list[Tensor] = [torch.empty(0)] * len(images)
+        proposals: dict[int, Tensor] = {}
+        pooled: dict[int, Tensor] = {}
         for size, idx in groups.items():
             c4 = self.backbone(self.normalize(torch.stack([images[i] for i in idx])))
             props = self.proposal_generator(c4, [size] * len(idx))
-            regions = self.roi_heads.pool(c4, props).split([len(p) for p in props])
+            regions = self.roi_heads.pool(c4, props).split([p.shape[0] for p in props])
             for j, i in enumerate(idx):
                 proposals[i], pooled[i] = props[j], regions[j]
-        features = self.roi_heads(torch.cat(pooled))
-        return self.predict(features, proposals, sizes)
+        order = range(len(images))
+        features = self.roi_heads(torch.cat([pooled[i] for i in order]))
+        return self.predict(features, [proposals[i] for i in order], sizes)

@@ -13,6 +13,7 @@ from torch import nn
 
 from extractor.store import FeatureReader
 from model import LxmertForQuestionAnswering
+from model.modeling import mean_cross_entropy
 from tasks.benchmarks.base import Benchmark, PredictionError
 from tasks.benchmarks.datasets import TaskDataset, encode
 from tasks.data.answers import AnswerTable
@@ -43,15 +44,13 @@ class QADataset(TaskDataset):
 def qa_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "bce") -> torch.Tensor:
     """The original VQA / GQA loss: mean BCE-with-logits over (batch x answers) times the number of
     answers; with `ce`, cross-entropy on each question's best answer (unlabelled ones skipped),
-    also times the number of answers as the original does."""
+    also times the number of answers as the original does (0 when no question is labelled). Nothing
+    here waits for the device."""
     logits = logits.float()
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
     best, index = target.max(dim=1)
-    index = index.masked_fill(best <= 0, IGNORE)
-    if not bool((index != IGNORE).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, index, ignore_index=IGNORE) * logits.shape[1]
+    return mean_cross_entropy(logits, index.masked_fill(best <= 0, IGNORE)) * logits.shape[1]
 
 
 def soft_score_accuracy(

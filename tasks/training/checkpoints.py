@@ -29,6 +29,7 @@ from extractor.fileio import (
     writing,
 )
 from model.checkpoint import load_torch
+from tasks.training.distributed import DistEnv, broadcast_object, gather_objects
 
 CHECKPOINT_FORMAT = 1
 
@@ -122,27 +123,52 @@ def load_latest_checkpoint(directory: str | Path) -> tuple[dict[str, Any], Path]
     return None
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's python, numpy, torch and CUDA generator states, as checkpointable data."""
+def load_agreed_checkpoint(env: DistEnv, directory: str | Path) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint every rank of the job resumes from: rank 0 picks the newest good one and the
+    others load that file. Ranks listing a shared folder themselves may see it at different moments
+    (a checkpoint still arriving over NFS) and would resume from different steps. A rank that cannot
+    read rank 0's choice stops every rank with one line naming the file."""
+    chosen = load_latest_checkpoint(directory) if env.is_main else None
+    path = broadcast_object(env, str(chosen[1]) if chosen else None)
+    error = None
+    if path is not None and not env.is_main:
+        try:
+            chosen = _read_checkpoint(Path(path)), Path(path)
+        except Exception as exc:  # any failure: the job cannot resume together
+            error = f"{type(exc).__name__}: {exc}"
+    failed = [(rank, e) for rank, e in enumerate(gather_objects(env, error)) if e]
+    if failed:
+        rank, e = failed[0]
+        raise RuntimeError(f"{path}: the checkpoint rank 0 resumes from is unreadable on rank {rank} ({e})")
+    return chosen
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's python, numpy and torch generator states and, training on a GPU, that GPU's
+    (its own device only: the job's other GPUs belong to other processes), as checkpointable data."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` saved, so dropout continues as in an uninterrupted run."""
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what `rng_state` saved, so dropout continues as in an uninterrupted run; the saved GPU
+    state goes to this process's device, whichever index the job's layout gives it now."""
     random.setstate(state["python"])
     n = state["numpy"]
     keys = n["keys"].numpy().astype(np.uint32)
     np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # checkpoints before this change held every visible GPU's state by index
+        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def seed_everything(seed: int) -> None:

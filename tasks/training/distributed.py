@@ -34,12 +34,22 @@ class DistEnv:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks CUDA when present; a CUDA request without a GPU is an error, not a fallback."""
+    """`auto` picks CUDA when present; a CUDA request without a GPU is an error, not a fallback.
+
+    Process `local_rank` of a machine takes GPU `local_rank` of those it sees, or the only one it sees
+    when the launcher binds one GPU per process (CUDA_VISIBLE_DEVICES set per rank)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device: 'cuda' requested but no CUDA device is available")
+        count = torch.cuda.device_count()
+        if count == 1:
+            return torch.device("cuda", 0)
+        if local_rank >= count:
+            raise RuntimeError(f"device: LOCAL_RANK {local_rank} needs GPU {local_rank} but this process sees "
+                               f"{count} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                               "start at most one process per visible GPU")
         return torch.device("cuda", local_rank)
     if name == "cpu":
         return torch.device("cpu")
@@ -87,12 +97,22 @@ def all_reduce_sum(env: DistEnv, *tensors: torch.Tensor) -> None:
             dist.all_reduce(t)
 
 
-def all_finite(env: DistEnv, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every rank (all ranks must call it together)."""
-    ok = torch.isfinite(loss.detach()).to(torch.int32)
+def all_finite(env: DistEnv, losses: torch.Tensor) -> bool:
+    """Whether every value of `losses` is finite on every rank (all ranks must call it together):
+    one reduction and one wait for the device."""
+    ok = torch.isfinite(losses.detach()).all().to(torch.int32)
     if env.world_size > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def broadcast_object(env: DistEnv, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a picklable object; all ranks must call it together)."""
+    if env.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def start_run(cfg: Any, env: DistEnv | None = None) -> tuple[DistEnv, Path]:

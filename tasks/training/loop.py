@@ -37,7 +37,7 @@ from tasks.training.checkpoints import (
     export_into,
     export_model,
     list_checkpoints,
-    load_latest_checkpoint,
+    load_agreed_checkpoint,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -48,6 +48,7 @@ from tasks.training.logs import LossWindow, RunLogs
 from tasks.training.optim import OPTIMIZERS, build_optimizer, warmup_linear_schedule
 
 AMP_MODES = ("none", "bf16", "fp16")
+FP16_DEVICES = ("cuda",)  # where amp=fp16 may train: fp16 needs loss scaling, and torch's GradScaler targets CUDA
 # settings a resumed run may change without a warning (they do not alter what is computed)
 _RESUMABLE_CHANGES = {"num_workers", "log_every", "ckpt_every", "keep_last", "resume", "progress",
                       "tensorboard", "plots"}
@@ -224,14 +225,25 @@ def autocast(amp: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _check_finite(env: DistEnv, loss: torch.Tensor, result: StepOutput, batch: dict[str, Any],
-                  step: int, epoch: int) -> None:
-    """Stop every rank together when any rank's loss is NaN/Inf, naming the offending examples."""
-    if all_finite(env, loss):
+@dataclass
+class _Micro:
+    """What the non-finite check needs of one micro-batch: its example ids, loss and loss parts (on the device)."""
+
+    ids: list[str]
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+def _check_finite(env: DistEnv, micros: list[_Micro], step: int, epoch: int) -> None:
+    """Stop every rank together when any rank's loss of this optimiser step is NaN/Inf, naming the
+    examples of the offending micro-batches. Checked once per step, so the host waits for the device
+    once per step, not after every micro-batch."""
+    losses = torch.stack([m.loss for m in micros])
+    if all_finite(env, losses):
         return
-    local_bad = not bool(torch.isfinite(loss.detach()).item())
-    ids = [str(i) for i in batch.get("ids", [])] if local_bad else []
-    parts = {k: float(v.detach()) for k, v in result.parts.items()} if local_bad else {}
+    bad = [m for m, ok in zip(micros, torch.isfinite(losses).tolist()) if not ok]
+    ids = [i for m in bad for i in m.ids]
+    parts = {k: float(v) for k, v in bad[0].parts.items()} if bad else {}
     gathered = gather_objects(env, (ids, parts))
     all_ids = [i for g in gathered for i in g[0]]
     all_parts = next((g[1] for g in gathered if g[1]), parts)
@@ -279,7 +291,7 @@ def train(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *,
     """
     cfg.validate()
     env = env or init_distributed(cfg.device)
-    if cfg.amp == "fp16" and env.device.type != "cuda":
+    if cfg.amp == "fp16" and env.device.type not in FP16_DEVICES:
         raise ValueError("amp: fp16 needs CUDA; use bf16 or none on CPU")
     run = _Run(model, train_set, cfg, env, collate_fn=collate_fn, step_fn=step_fn, loss_names=loss_names,
                eval_fn=eval_fn, best_metric=best_metric, export_fn=export_fn, extra=extra)
@@ -304,13 +316,14 @@ class _Run:
         self.optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.adam_eps,
                                          param_clip=cfg.param_clip)
         self.scheduler = warmup_linear_schedule(self.optimizer, self.plan.total_steps, cfg.warmup_ratio)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
         self.progress = _Progress()
         self.names = ["loss", *loss_names]
         self.window = LossWindow(self.names, env.device)
         self.grad_norm = torch.zeros((), device=env.device)
         self.run_start = time.perf_counter()
         self.objective: nn.Module = _Objective(model, step_fn)
+        self.micros: list[_Micro] = []  # the micro-batches of the optimiser step being accumulated
         self.logs: RunLogs | None = None
 
     # ------------------------------------------------------------------ start and end
@@ -349,7 +362,7 @@ class _Run:
     def resume(self) -> bool:
         """Continue from the newest good checkpoint (when `resume` is on); seeds every generator."""
         cfg, env, p = self.cfg, self.env, self.progress
-        resumed = load_latest_checkpoint(self.ckpt_dir) if cfg.resume else None
+        resumed = load_agreed_checkpoint(env, self.ckpt_dir) if cfg.resume else None
         seed_everything(cfg.seed + env.rank)
         if resumed is None:
             return False
@@ -357,7 +370,8 @@ class _Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when written without fp16: a run switching to fp16 starts a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
         p.step, p.epoch, p.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         p.best_value, p.best, p.evals = state.get("best_value"), state.get("best"), list(state.get("evals", []))
         p.last_losses = dict(state.get("last_losses", {}))
@@ -368,7 +382,7 @@ class _Run:
                           CheckpointWarning, stacklevel=4)
         micro_bs = self.plan.micro_bs
         if state["world_size"] == env.world_size and state["micro_batch_size"] == micro_bs:
-            set_rng_state(state["rng"][env.rank])
+            set_rng_state(state["rng"][env.rank], env.device)
         else:
             warnings.warn(f"{path}: written by {state['world_size']} process(es) with micro-batch "
                           f"{state['micro_batch_size']}; resuming with {env.world_size} x {micro_bs}, "
@@ -429,20 +443,24 @@ class _Run:
             self.end_epoch()
 
     def forward_backward(self, batch: dict[str, Any], last_micro: bool) -> None:
-        """One micro-batch: loss (stopping on NaN / Inf), scaled backward; DDP syncs on the last only."""
+        """One micro-batch: loss, scaled backward; DDP syncs on the last only. Nothing here waits for
+        the device: the loss is checked for NaN / Inf with the step's other micro-batches."""
         cfg, env, p = self.cfg, self.env, self.progress
         sync = self.objective.no_sync() if env.world_size > 1 and not last_micro else nullcontext()
         with sync:
             with autocast(cfg.amp, env.device):
                 result = self.objective(batch, StepContext(epoch=p.epoch, step=p.step))
             loss = result.loss.float()
-            _check_finite(env, loss, result, batch, p.step, p.epoch)
             self.scaler.scale(loss / cfg.grad_accum).backward()
         self.window.add(loss, result.parts)
+        self.micros.append(_Micro([str(i) for i in batch.get("ids", [])], loss.detach(), result.parts))
 
     def optimizer_step(self) -> float:
-        """Clip, step, advance the schedule; returns the learning rate the step used."""
-        cfg = self.cfg
+        """Stop on a non-finite loss of the step (before any update), clip, step, advance the schedule;
+        returns the learning rate the step used."""
+        cfg, p = self.cfg, self.progress
+        micros, self.micros = self.micros, []
+        _check_finite(self.env, micros, p.step, p.epoch)
         if cfg.clip_grad_norm > 0 or cfg.amp == "fp16":
             self.scaler.unscale_(self.optimizer)
         if cfg.clip_grad_norm > 0:
@@ -505,7 +523,7 @@ class _Run:
         p, env = self.progress, self.env
         return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": gather_objects(env, rng_state()), "step": p.step,
+                "scaler": self.scaler.state_dict(), "rng": gather_objects(env, rng_state(env.device)), "step": p.step,
                 "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch, "micro_batch_size": self.plan.micro_bs,
                 "world_size": env.world_size, "seed": self.cfg.seed, "best_value": p.best_value, "best": p.best,
                 "evals": p.evals, "last_losses": p.last_losses, "config": asdict(self.cfg), "extra": self.extra,
