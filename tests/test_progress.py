@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from typing import Any
 
 import luigi
@@ -18,6 +19,7 @@ from test_loop import Toy, collate, config, step
 from extractor import progress
 from extractor.detector.train import train_detector
 from extractor.progress import LINE_PREFIX, Progress, ProgressReporter, duration
+from pipeline import progress as pipeline_progress
 from pipeline.features import ExtractFeatures
 from pipeline.progress import TaskProgress, stream_child
 from tasks.training.loop import train
@@ -151,3 +153,23 @@ def test_a_task_run_outside_a_luigi_worker_still_prints(tmp_path, monkeypatch, c
     assert task.set_status_message is None  # Luigi sets it only in a worker
     TaskProgress(task)(Progress("extract", 1, 2, "img", 1.0))
     assert capsys.readouterr().out == f"[lxmert] ExtractFeatures {task.output_dir().name}: extract img 1/2 (50.0%)\n"
+
+
+def test_a_silent_job_still_gets_a_line_every_few_seconds(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LXMERT_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setattr(pipeline_progress, "SILENT_AFTER", 0.2)
+    task = ExtractFeatures(images=str(tmp_path), weights=str(tmp_path / "w.pkl"), config="tiny", boxes=5, shards=1)
+    label = f"[lxmert] ExtractFeatures {task.output_dir().name}: "
+    with TaskProgress(task) as report:
+        time.sleep(0.5)  # a job starting up: nothing reported yet
+        starting = capsys.readouterr().out.splitlines()
+        report(Progress("train", 3, 10, "step", 1.0, loss=2.5))
+        time.sleep(0.5)  # a long step, or an evaluation
+        silent = capsys.readouterr().out.splitlines()
+    time.sleep(0.3)
+    assert starting and all(re.fullmatch(re.escape(label) + r"running, no figures yet \(\d s in\)", ln)
+                            for ln in starting)
+    assert silent[0] == label + "train step 3/10 (30.0%), loss 2.5000" and len(silent) >= 2
+    assert all(ln == label + "train step 3/10 (30.0%), loss 2.5000 (reported 0 s ago, still running)"
+               for ln in silent[1:])
+    assert capsys.readouterr().out == ""  # the watcher stops with the job
