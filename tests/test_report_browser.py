@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from browser import Browser, chromium
 
@@ -30,11 +32,31 @@ def report(demo_run, tmp_path_factory) -> Path:
     return copy
 
 
-def test_report_renders_in_chromium_with_every_image_and_section(report, tmp_path):
+def installed_chromium() -> str:
+    """Chromium's path; the test is skipped, with the reason, only where it is not installed (CI installs it)."""
     executable = chromium()
     if executable is None:
         pytest.skip("Debian's chromium is not installed here (apt-get install -y chromium; .ci/run installs it)")
-    browser = Browser(executable)
+    return executable
+
+
+def test_the_browser_sees_a_broken_image_and_a_console_error(tmp_path):
+    (tmp_path / "ok.png").write_bytes(cv2.imencode(".png", np.full((8, 8, 3), 200, np.uint8))[1].tobytes())
+    page = tmp_path / "page.html"
+    page.write_text('<img src="ok.png"><img src="missing.png"><script>console.error("boom")</script>')
+    browser = Browser(installed_chromium())
+    try:
+        browser.open(page.as_uri())
+        natural = browser.evaluate("[...document.images].map(i => i.naturalWidth)")
+        errors = browser.errors()
+    finally:
+        browser.close()
+    assert natural == [8, 0]
+    assert "console: boom" in errors and any("missing.png" in e for e in errors if e.startswith("log: ")), errors
+
+
+def test_report_renders_in_chromium_with_every_image_and_section(report, tmp_path):
+    browser = Browser(installed_chromium())
     try:
         browser.open((report / "report.html").as_uri())
         facts = json.loads(browser.evaluate(PAGE_FACTS))
