@@ -52,6 +52,11 @@ class Section:
         return re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-")
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 validation', '3 validations'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -135,7 +140,7 @@ def summary_section(summary: dict[str, Any]) -> Section:
                [[b.title, summary[t]["pretrained"], summary[t]["scratch"], summary[t]["majority"]]
                 for t, b in BENCHMARKS.items()])
     if summary["detector"]["map50"] is not None:
-        body.para(f"Detector trained here: mAP@0.5 = {100 * summary['detector']['map50']:.1f} on its val images.")
+        body.para(f"Detector trained here: mAP@0.5 = {100 * summary['detector']['map50']:.1f}% on its val images.")
     return body.section("Summary")
 
 
@@ -197,8 +202,9 @@ def pretraining_section(run: Path, out: Path) -> Section | None:
     png = io.BytesIO()
     fig.savefig(png, format="png")
     atomic_write(out / path, png.getvalue())
-    body = Body().image(path, "pretraining losses", f"Pretraining losses per objective: training (each logged "
-                        f"step) and validation (each epoch); {len(train)} logged steps, {len(valid)} validations.")
+    body = Body().image(path, "pretraining losses", "Pretraining losses per objective: training (each logged step) "
+                        f"and validation (each epoch); {_count(len(train), 'logged step')}, "
+                        f"{_count(len(valid), 'validation')}.")
     return body.section("Pretraining curves")
 
 
@@ -206,7 +212,7 @@ def detector_section(metrics: dict[str, Any] | None) -> Section | None:
     """The detector trained here: its mAP@0.5, region accuracy and the AP of each class."""
     if not metrics or not metrics.get("per_class"):
         return None
-    body = Body().para(f"mAP@0.5 = {100 * metrics['map50']:.1f} over {len(metrics['per_class'])} classes on "
+    body = Body().para(f"mAP@0.5 = {100 * metrics['map50']:.1f}% over {len(metrics['per_class'])} classes on "
                        f"{metrics.get('val_images', '?')} validation images.")
     accuracy = metrics.get("region_accuracy") or {}
     if accuracy:
@@ -302,9 +308,9 @@ def examples_section(benchmark: Benchmark, examples: Sequence[Example], shaded_b
         md += [f"**{ex.text}** ({ex.key})", "", f"![{ex.key}]({ex.image.as_posix()})", ""]
         md += [f"- {who}: {ans}" + (f" ({verdict})" if verdict else "") for who, ans, verdict in rows]
         md += [f"- attention: {seen}", ""]
-        table = "".join(f"<tr><th>{html.escape(who)}</th><td>{html.escape(ans)}</td>"
-                        f"<td class='{verdict.split(' ')[0]}'>{html.escape(verdict)}</td></tr>"
-                        for who, ans, verdict in rows)
+        table = "".join(f"<tr><th>{html.escape(who)}</th>" + (
+            f"<td>{html.escape(ans)}</td><td class='{verdict.split(' ')[0]}'>{html.escape(verdict)}</td>"
+            if verdict else f"<td colspan='2'>{html.escape(ans)}</td>") + "</tr>" for who, ans, verdict in rows)
         cards.append(f"<div class='card'><p class='text'>{html.escape(ex.text)}</p>"
                      f"<img src='{html.escape(ex.image.as_posix())}' alt='{html.escape(ex.key)}'>"
                      f"<table>{table}</table><p class='attention'>attention: {html.escape(seen)}</p>"

@@ -35,7 +35,7 @@ def test_summary_numbers():
     section = summary_section(summary)
     assert "| VQA v2 (accuracy, official) | 71.50 | 60.25 | 22.00 |" in section.markdown
     assert "| GQA (accuracy, official) | - | 40.00 | 27.10 |" in section.markdown
-    assert "mAP@0.5 = 81.2" in section.markdown and "<td>71.50</td>" in section.html
+    assert "mAP@0.5 = 81.2%" in section.markdown and "<td>71.50</td>" in section.html
 
 
 def test_sections_make_one_self_contained_page_in_both_formats(tmp_path):
@@ -105,7 +105,7 @@ def test_detector_section_lists_ap_per_class_best_first():
     assert detector_section(None) is None and detector_section({"map50": None, "per_class": {}}) is None
     md = detector_section({"map50": 0.5, "per_class": {"circle": 0.25, "star": 0.75}, "val_images": 12,
                            "region_accuracy": {"object": 0.5}}).markdown
-    assert md.startswith("mAP@0.5 = 50.0 over 2 classes on 12 validation images.")
+    assert md.startswith("mAP@0.5 = 50.0% over 2 classes on 12 validation images.")
     assert "| class | AP@0.5 (%) |\n|---|---|\n| star | 75.00 |\n| circle | 25.00 |" in md
     assert "object 50.0%" in md
 

@@ -1,5 +1,6 @@
 """The report of a tiny RunAll in headless Chromium: no broken image, no console error, no empty section,
-readable example images, only relative links; a screenshot is kept (report.png in the test's tmp folder)."""
+readable example images, no empty table cell, only relative links; a screenshot is kept (report.png in the
+test's tmp folder)."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,8 @@ PAGE_FACTS = """JSON.stringify({
       text: s.innerText.length - s.querySelector('h2').innerText.length,
       content: s.querySelectorAll('p, table, img, figure').length})),
   links: [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href')),
-  pre: document.querySelectorAll('pre').length})"""
+  pre: document.querySelectorAll('pre').length,
+  emptyCells: [...document.querySelectorAll('td')].filter(td => !td.innerText.trim()).length})"""
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def test_report_renders_in_chromium_with_every_image_and_section(report, tmp_pat
         "summary", "vqa-v2", "vqa-v2-examples", "gqa", "gqa-examples", "nlvr2", "nlvr2-examples",
         "pretraining-curves", "detector"]
     empty = [s["id"] for s in facts["sections"] if s["text"] < 20 or s["content"] == 0]
-    assert empty == []
+    assert empty == [] and facts["emptyCells"] == 0
     broken = [i["src"] for i in facts["images"] if i["natural"] == 0]
     assert broken == [] and len(facts["images"]) == 3 * 8 + 1
     examples = [i for i in facts["images"] if i["src"].startswith("examples/")]
