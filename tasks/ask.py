@@ -39,7 +39,7 @@ from tasks.inference import Answer, FineTuned, InferenceError, answer, encode_te
 
 WEIGHT_NAMES = ("weights.pkl", "model_final.pkl", "model_final.pth")  # what a detector folder holds
 LABEL_FIELDS = ("object_labels", "attribute_labels")
-NOT_COMPARED = {"file", "schema_version", "amp"}  # attributes that do not change what a feature means
+NOT_COMPARED = {"file", "schema_version", "amp", "tf32"}  # numerics of a device, not what a feature means
 RELEASED_BOXES = 36  # the released LXMERT features: 36 boxes per image
 
 

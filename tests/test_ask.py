@@ -190,6 +190,15 @@ def test_an_image_is_refused_when_its_features_would_differ_from_the_models(run,
         extraction.features(next(iter(run.images.values())), tmp_path, "cpu")
 
 
+def test_features_extracted_on_a_gpu_with_amp_or_tf32_are_matched_in_float32(run, tmp_path):
+    folder, _ = run.evaluation("vqa")
+    model = load_finetuned(folder)
+    model.features[0].update(amp="bf16", tf32=True)  # how a GPU run may have extracted them
+    record = Extraction(model, run.detector.parent, None, None).features(next(iter(run.images.values())), tmp_path,
+                                                                         "cpu")
+    assert record.num_boxes > 0
+
+
 def test_a_run_from_before_inference_json_is_read_from_its_config(run, capsys, tmp_path):
     folder, predictions = run.evaluation("vqa")
     earlier = tmp_path / "FinetuneVQA" / "earlier"
