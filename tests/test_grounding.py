@@ -19,6 +19,7 @@ from tasks.data.tokenization import load_tokenizer
 from tasks.demo.feature_world import write_world
 from tasks.grounding import PointingItem, gqa_pointing_items, object_boxes, pointing_accuracy
 from tasks.pretrain import PretrainConfig, PretrainCorpus, PretrainDataset, evaluate
+from tasks.report import grounding_section, grounding_summary
 from tasks.training.distributed import DistEnv
 
 hf_logging.set_verbosity_error()
@@ -165,3 +166,33 @@ def test_matching_accuracy_is_the_share_of_pairs_the_head_gets_right(tmp_path: P
     cfg.matched = False  # the objective off: no matching targets, no accuracy
     assert "valid_matched_accuracy" not in evaluate(_Matcher(wrong, list(indices)), dataset, indices, cfg, env,
                                                      batch_size=4, epoch=0)
+
+
+# ---------------------------------------------------------------- the report's grounding figures
+
+POINTING = {"pretrained": {"accuracy": 61.5, "per_layer": [40.0, 55.0], "chance": 18.25, "reachable": 93.0,
+                           "objects": 40, "questions": 30, "skipped": 0},
+            "scratch": {"accuracy": 22.5, "per_layer": [20.0, 25.0], "chance": 18.25, "reachable": 93.0,
+                        "objects": 40, "questions": 30, "skipped": 0}}
+
+
+def test_grounding_summary_keeps_every_epoch_and_both_inits() -> None:
+    evals = [{"epoch": 0, "valid_loss": 3.0, "valid_matched_accuracy": 0.5125},
+             {"epoch": 1, "valid_loss": 2.0, "valid_matched_accuracy": 0.83456}]
+    summary = grounding_summary(evals, POINTING)
+    assert summary["matching"] == {"per_epoch": [51.25, 83.46], "last_epoch": 83.46, "chance": 50.0}
+    assert summary["pointing"] == {"pretrained": 61.5, "scratch": 22.5, "chance": 18.25}
+    assert grounding_summary([{"epoch": 0, "valid_loss": 1.0}], {}) == {}  # matching off, no pointing: nothing
+
+
+def test_grounding_section_draws_the_matching_curve_and_the_pointing_table(tmp_path: Path) -> None:
+    grounding = grounding_summary([{"valid_matched_accuracy": a} for a in (0.5, 0.7, 0.85)], POINTING)
+    section = grounding_section(grounding, POINTING, tmp_path)
+    assert section.title == "Grounding"
+    assert (tmp_path / "figures" / "matching.png").stat().st_size > 1000
+    assert "85.00% after the last" in section.markdown
+    assert "| pretrained + fine-tuned | 61.50 | 40.00 | 55.00 |" in section.markdown
+    assert "| from scratch | 22.50 | 20.00 | 25.00 |" in section.markdown
+    assert "| chance | 18.25 | - | - |" in section.markdown
+    assert "figures/matching.png" in section.html
+    assert grounding_section({}, {}, tmp_path) is None
