@@ -41,6 +41,7 @@ from extractor.detector.model import (
 from extractor.detector.selection import STRATEGIES, best_labels, select_caffe, select_maxnms
 from extractor.detector.weights import load_detectron2_weights
 from extractor.images import DEFAULT_MAX_PIXELS, ImageReadError, image_id, list_images, load_image
+from extractor.progress import ProgressFn, ProgressReporter
 from extractor.reuse import Reuse, content_hash, content_hashes, extraction_key, write_sidecar
 from extractor.store import FeatureStoreError, FeatureWriter, ImageFeatures, remove_stale_parts
 
@@ -307,7 +308,7 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
                      max_failure_ratio: float = 0.05, max_pixels: int = DEFAULT_MAX_PIXELS,
                      overwrite: bool = False, reuse: Sequence[str | os.PathLike] = (),
                      progress: bool = True, resize: str | None = None, tf32: bool = False,
-                     region_chunk: int = DEFAULT_REGION_CHUNK) -> dict[str, Any]:
+                     region_chunk: int = DEFAULT_REGION_CHUNK, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Extract region features of ``images`` into the HDF5 file ``output``; returns a summary dict.
 
     images: a folder, a list file or a list of paths. boxes=N keeps exactly N per image (36 when
@@ -319,6 +320,7 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
     resize: "caffe" or "detectron2" overrides the config's input rule (None: the config's). amp: "bf16" or
     "fp16" autocast on CUDA, "bf16" on CPUs with bf16 instructions. tf32: let CUDA run float32 convolutions
     and matmuls in TF32 (off by default). region_chunk: regions res5 runs on at once (memory, not features).
+    `on_progress` gets the images done (stored before, reused, extracted or failed) and the pace every few seconds.
     """
     if dtype not in FEATURE_DTYPES:
         raise ExtractionError(f"dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
@@ -378,6 +380,7 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
         loader = DataLoader(dataset, batch_size=batch_size,
                             num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
                             prefetch_factor=4 if workers else None, persistent_workers=False)
+        reporter = ProgressReporter(on_progress, "extract", len(paths), "img", start=len(paths) - len(todo))
         thread = _WriterThread(writer, rule, dtype, maxsize=max(2, 64 // batch_size))
         thread.start()
         try:
@@ -402,6 +405,7 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
                             content[it.img_id] = None
                     extracted += len(good)
                     bar.update(len(batch))
+                    reporter.update(len(paths) - len(todo) + extracted + len(failures))
         finally:
             thread.stop()
         thread.check()

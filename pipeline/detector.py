@@ -11,6 +11,7 @@ from extractor.detector.config import DetectorConfig
 from extractor.detector.train import train_detector
 from pipeline.base import InputPathParameter, PipelineTask
 from pipeline.data import RawDataTask
+from pipeline.progress import TaskProgress
 from tasks.data.readers import read_img_id_list
 
 
@@ -64,11 +65,13 @@ class TrainDetector(RawDataTask):
         cfg = DetectorConfig.load(self.input_value("config"))
         val_ids = self.input_value("valid_ids")
         ids = read_img_id_list(val_ids, numbers_as=None) if val_ids else None
-        result = train_detector(cfg, images=self.input_value("images"), objects=self.input_value("objects"),
-                                attributes=self.input_value("attributes") or None, output=out / self.WEIGHTS,
-                                metrics=out / "metrics.json", config_file=out / self.CONFIG, val_ids=ids,
-                                epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                                device=self.device, num_workers=self.data_workers, progress=False)
+        with TaskProgress(self) as report:
+            result = train_detector(cfg, images=self.input_value("images"), objects=self.input_value("objects"),
+                                    attributes=self.input_value("attributes") or None, output=out / self.WEIGHTS,
+                                    metrics=out / "metrics.json", config_file=out / self.CONFIG, val_ids=ids,
+                                    epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+                                    device=self.device, num_workers=self.data_workers, progress=False,
+                                    on_progress=report)
         print(f"TrainDetector: mAP@0.5 {result['map50']} on {result['val_images']} val images "
               f"in {result['seconds']} s", flush=True)
 

@@ -17,6 +17,7 @@ from extractor.store import failures_path, merge, validate
 from extractor.store.tsv import import_tsv
 from pipeline.base import InputPathParameter, PipelineTask, param_problems, paths_of, workdir
 from pipeline.detector import TrainDetector, detector_config_problems
+from pipeline.progress import TaskProgress
 from pipeline.sources import SourcedTask, sources_in_use
 
 FEATURES = "features.h5"
@@ -130,13 +131,15 @@ class ExtractFeaturesShard(ExtractionParams, SourcedTask):
             return  # finished before a later write (task.json, the rename) failed
         # a feature file already in the partial folder was finished by a run killed before it published the
         # folder: it is rebuilt from itself through its index (same task, so same inputs and settings)
-        summary = extract_features(
-            paths[lo:hi], src["weights"], out / FEATURES, config=src["config"], selection=self.selection,
-            device=self.device, batch_size=self.batch_size, dtype=self.dtype, resize=self.resize or None,
-            amp=None if self.amp == "none" else self.amp, tf32=self.tf32, region_chunk=self.region_chunk,
-            num_workers=None if self.decode_workers < 0 else self.decode_workers,
-            max_failure_ratio=self.max_failure_ratio, max_pixels=self.max_pixels, overwrite=True,
-            reuse=[out / FEATURES, *earlier_features()], progress=False, **boxes)
+        with TaskProgress(self) as report:
+            summary = extract_features(
+                paths[lo:hi], src["weights"], out / FEATURES, config=src["config"], selection=self.selection,
+                device=self.device, batch_size=self.batch_size, dtype=self.dtype, resize=self.resize or None,
+                amp=None if self.amp == "none" else self.amp, tf32=self.tf32, region_chunk=self.region_chunk,
+                num_workers=None if self.decode_workers < 0 else self.decode_workers,
+                max_failure_ratio=self.max_failure_ratio, max_pixels=self.max_pixels, overwrite=True,
+                reuse=[out / FEATURES, *earlier_features()], progress=False, on_progress=report,
+                **boxes)
         print(f"[lxmert] {self.get_task_family()} {self.output_dir().name}: {summary['extracted']} extracted, "
               f"{summary['reused']} reused from earlier outputs, {summary['resumed']} resumed, "
               f"{summary['failed']} failed", flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -21,6 +20,7 @@ from pipeline.base import InputPathListParameter, InputPathParameter, PipelineTa
 from pipeline.data import BuildGQAData, BuildNLVR2Data, BuildPretrainCorpus, BuildVQAData, TaskData, vocab_of
 from pipeline.features import ExtractFeatures
 from pipeline.params import config_values, derived
+from pipeline.progress import TaskProgress, stream_child
 from tasks import finetune, pretrain
 from tasks.benchmarks import GQA, NLVR2, VQA, Benchmark
 from tasks.benchmarks.qa import LOSSES
@@ -82,7 +82,8 @@ class TrainingTask(PipelineTask):
     def launch(self, module: Any, args: list[str], cfg: Any, out: Path) -> dict[str, Any]:
         """Run in this process, or under torchrun when several processes are asked for; returns metrics."""
         if self.nproc_per_node * self.nnodes == 1:
-            return module.run(cfg)
+            with TaskProgress(self) as report:
+                return module.run(cfg, on_progress=report)
         config = out / "launch_config.json"
         save_json(cfg, config)
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc_per_node}"]
@@ -96,7 +97,8 @@ class TrainingTask(PipelineTask):
         cmd += ["-m", module.__name__, *args, "--config", str(config)]
         write_text_atomic(out / "launch.sh", "# run the same on every other node\n" + shlex.join(cmd) + "\n")
         print(f"{self.get_task_family()}: {shlex.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        with TaskProgress(self) as report:
+            stream_child(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, report)
         return json.loads((out / "metrics.json").read_text())
 
 

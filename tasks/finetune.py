@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from extractor.jsonstream import write_json_atomic
+from extractor.progress import ProgressFn, launched_progress
 from model.checkpoint import load_into, state_dict_of
 from tasks.benchmarks import BENCHMARKS, VQA, Benchmark
 from tasks.benchmarks.datasets import TaskDataset, collate_task
@@ -196,14 +197,30 @@ def _flat(metrics: dict[str, Any]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- entry point
 
-def run(cfg: FinetuneConfig, env: DistEnv | None = None) -> dict[str, Any]:
+INFERENCE_RECORD = "inference.json"
+
+
+def inference_record(cfg: FinetuneConfig, stores: Sequence[Any], table: AnswerTable | None) -> dict[str, Any]:
+    """What asking the model later needs, kept in its run folder (`python -m tasks.ask`): the benchmark, the
+    question length and box cap, the answer table in head order, the loss (how scores become probabilities)
+    and each feature file's attributes (detector config, weights sha256, box rule), so an image is extracted
+    as the training images were and with the same detector."""
+    return {"task": cfg.task, "max_seq_length": cfg.max_seq_length, "max_boxes": cfg.max_boxes, "loss": cfg.loss,
+            "answers": table.label2ans if table is not None else None,
+            "features": [{"file": Path(s.path).name, **s.attrs} for s in stores]}
+
+
+def run(cfg: FinetuneConfig, env: DistEnv | None = None, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Fine-tune (unless eval_only), then predict valid and test files with the best model; writes
-    submissions and metrics.json under cfg.train.output_dir and returns the metrics (every rank)."""
+    submissions and metrics.json under cfg.train.output_dir and returns the metrics (every rank).
+    `inference.json` records what using the model needs (see `inference_record`)."""
     env, out = start_run(cfg, env)
     job = _Job(cfg, env, out)
+    if env.is_main:
+        write_json_atomic(out / INFERENCE_RECORD, inference_record(cfg, job.stores, job.table), indent=1)
     metrics: dict[str, Any] = {"task": cfg.task}
     if not cfg.eval_only:
-        metrics.update(job.fine_tune())
+        metrics.update(job.fine_tune(on_progress))
     job.model.to(env.device)
     metrics.update(job.predict_files())
     if env.is_main:
@@ -239,7 +256,7 @@ class _Job:
         preds = self.predictions(model, dataset)
         return score(self.cfg, entries, preds), preds
 
-    def fine_tune(self) -> dict[str, Any]:
+    def fine_tune(self, on_progress: ProgressFn | None = None) -> dict[str, Any]:
         """Train; the best epoch's weights (else the final ones) are then loaded into the model."""
         cfg, out = self.cfg, self.out
         _, train_set = self.split(cfg.train_files)
@@ -254,7 +271,8 @@ class _Job:
 
         result = train(self.model, train_set, cfg.train, collate_fn=collate_task, step_fn=make_step(cfg),
                        export_fn=export_with_vocab(tokenizer_tokens(self.tokenizer)), eval_fn=eval_fn,
-                       best_metric=best_metric, extra={"model_config": self.model.config.to_dict()}, env=self.env)
+                       best_metric=best_metric, extra={"model_config": self.model.config.to_dict()}, env=self.env,
+                       on_progress=on_progress)
         metrics.update(train_loss=result.last_losses.get("loss"), steps=result.step, evals=result.evals,
                        best=result.best)
         chosen = out / ("best" if result.best is not None else "final")
@@ -296,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                        description=f"LXMERT fine-tuning and evaluation on {task}", base=base)
     if cfg.task != task:
         raise ValueError(f"task: the command names {task!r} but the config says {cfg.task!r}")
-    return run_command(cfg, run, lambda m: {k: v for k, v in m.items() if k in ("task", "valid", "best")})
+    return run_command(cfg, lambda c, e: run(c, e, launched_progress()),
+                       lambda m: {k: v for k, v in m.items() if k in ("task", "valid", "best")})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from extractor.jsonstream import DataFormatError, iter_array, write_json_atomic
+from extractor.progress import ProgressFn, launched_progress
 from extractor.store import FeatureReader, ImageFeatures
 from model.modeling import target_rows
 from tasks.data.answers import AnswerTable, convert_label, default_pretrain_table
@@ -490,9 +491,9 @@ def valid_evaluation(cfg: PretrainConfig, stores: Sequence[FeatureReader], token
     return eval_fn
 
 
-def run(cfg: PretrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
+def run(cfg: PretrainConfig, env: DistEnv | None = None, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Pretrain as `cfg` says; writes the run's outputs under cfg.train.output_dir and returns
-    the metrics also written to metrics.json (rank 0)."""
+    the metrics also written to metrics.json (rank 0). `on_progress`: see training.loop.train."""
     env, out = start_run(cfg, env)
     table = pretrain_table(cfg.answers, cfg.qa_sets)
     if env.is_main:
@@ -510,7 +511,7 @@ def run(cfg: PretrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
                    export_fn=export_with_vocab(tokenizer_tokens(tokenizer)),
                    loss_names=OBJECTIVES, eval_fn=eval_fn,
                    best_metric=("valid_loss", "min") if eval_fn else None,
-                   extra={"model_config": model.config.to_dict()}, env=env)
+                   extra={"model_config": model.config.to_dict()}, env=env, on_progress=on_progress)
     metrics = {"step": result.step, "epoch": result.epoch, "train": result.last_losses,
                "evals": result.evals, "best": result.best,
                "corpus": {"images": corpus.stats.images, "examples": corpus.stats.examples,
@@ -525,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m tasks.pretrain [--config cfg.json] [--flag value ...]`, also under torchrun."""
     cfg = parse_config(PretrainConfig, argv, prog="python -m tasks.pretrain",
                        description="LXMERT pretraining with the five objectives")
-    return run_command(cfg, run, lambda m: {"step": m["step"], "train": m["train"]})
+    return run_command(cfg, lambda c, e: run(c, e, launched_progress()),
+                       lambda m: {"step": m["step"], "train": m["train"]})
 
 
 if __name__ == "__main__":

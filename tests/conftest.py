@@ -26,3 +26,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The reduced demo chain (tiny world, briefly trained detector, tiny network), run once for the session:
+    (root, its luigi.cfg, the finished RunAll process)."""
+    from pipeline_helpers import run_luigi, write_config
+
+    root = tmp_path_factory.mktemp("demo")
+    config = write_config(root / "tiny.cfg")
+    # --no-lock: Luigi's process lock is keyed on the command line alone, so another session running the same
+    # RunAll on this machine would make this one exit 0 at once, having done nothing
+    proc = run_luigi(root / "work", config, "RunAll", "--local-scheduler", "--no-lock", timeout=600)
+    return root, config, proc

@@ -1,6 +1,6 @@
 """Injected OS errors for the disk-full tests: the nth write-like call on files under a folder fails.
 
-The project writes every byte through os.write / os.pwrite (tasks/fileio.py and the feature store's
+The project writes every byte through os.write / os.pwrite (extractor/fileio.py and the feature store's
 HDF5 file object), so patching those, plus os.fsync, os.ftruncate and os.replace, reaches every
 kind of write. A subprocess gets the same faults from the LXMERT_TEST_FAULT environment variable
 through the sitecustomize module that `sitecustomize_dir` writes.

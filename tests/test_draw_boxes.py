@@ -6,7 +6,17 @@ import skimage.data
 from PIL import Image
 
 from extractor.detector.labels import attribute_names, object_names
-from extractor.draw import caption, draw_boxes, main
+from extractor.draw import (
+    _colour,
+    _label_spots,
+    box_name,
+    caption,
+    draw_attention,
+    draw_boxes,
+    main,
+    readable,
+    side_by_side,
+)
 from extractor.store import FeatureWriter, ImageFeatures
 
 OBJECTS, ATTRIBUTES = object_names(), attribute_names()
@@ -85,3 +95,44 @@ def test_command_line(tmp_path, capsys):
         main(features + ["--image", str(tmp_path / "gone.png"), "--output", str(out),
                          "--img-id", "astronaut"])
     assert "gone.png: not found" in capsys.readouterr().err
+
+
+def test_readable_scales_the_shorter_side_to_384_within_a_longest_side():
+    assert readable(np.zeros((128, 256, 3), np.uint8)).shape == (384, 768, 3)
+    assert readable(np.zeros((480, 640, 3), np.uint8)).shape == (384, 512, 3)
+    assert readable(np.zeros((200, 2000, 3), np.uint8)).shape == (102, 1024, 3)  # a panorama: the long side caps
+
+
+def test_attention_shades_each_box_by_its_share_and_labels_the_most_attended():
+    img = np.full((100, 200, 3), 200, np.uint8)
+    boxes = np.array([[0, 0, 50, 50], [100, 50, 200, 100], [60, 0, 90, 30]], np.float32)
+    rec = record(boxes, objects=[OBJECTS.index("plate"), OBJECTS.index("cup"), OBJECTS.index("fork")],
+                 attrs=[ATTRIBUTES.index("white"), -1, -1])
+    assert box_name(rec, 0, OBJECTS, ATTRIBUTES) == "white plate"
+    out = draw_attention(readable(img), boxes, np.array([0.6, 0.3, 0.1]), [box_name(rec, j, OBJECTS, ATTRIBUTES)
+                                                                         for j in range(3)], (100, 200))
+    assert out.shape == (384, 768, 3)
+    def brightness(x: int, y: int) -> int:  # the image is scaled x3.84: pixels well inside each box
+        return int(out[y, x].astype(int).sum())
+
+    # the top box keeps its brightness; the others 0.25 + 0.75 x their share relative to it; outside: 0.25
+    assert [brightness(*xy) for xy in ((100, 150), (600, 300), (290, 80), (500, 100))] == [600, 375, 225, 150]
+    for rank, (top, bottom) in enumerate(((0, 40), (150, 192), (0, 40))):  # captions above, or inside the top
+        assert (out[top:bottom] == _colour(rank)).all(axis=-1).sum() > 200, rank
+    with pytest.raises(ValueError, match="3 boxes, 2 weights"):
+        draw_attention(img, boxes, np.array([0.5, 0.5]), ["a", "b", "c"], (100, 200))
+
+
+def test_captions_never_cover_each_other():
+    same_place = [(10, 40, 60, 90)] * 4
+    spots = _label_spots(same_place, ["one 40%", "two 30%", "three 20%", "four 10%"], 0.5, (200, 200))
+    assert spots[0][3] == 40  # the first sits just above its box
+    for i, a in enumerate(spots):
+        assert 0 <= a[1] and a[3] <= 200
+        for b in spots[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
+
+
+def test_side_by_side_puts_a_pair_on_one_row():
+    row = side_by_side([np.zeros((384, 384, 3), np.uint8), np.zeros((192, 256, 3), np.uint8)])
+    assert row.shape == (384, 384 + 8 + 512, 3) and (row[:, 384:392] == 255).all()

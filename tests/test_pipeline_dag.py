@@ -60,15 +60,6 @@ def test_every_output_sits_under_the_workdir_and_depends_on_upstream_settings(tm
     assert pt.FinetuneVQA().output_dir() == tmp_path / "elsewhere" / before.relative_to(tmp_path / "w")
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The reduced demo chain (tiny world, briefly trained detector, tiny network), run once."""
-    root = tmp_path_factory.mktemp("demo")
-    config = write_config(root / "tiny.cfg")
-    proc = run_luigi(root / "work", config, "RunAll", "--local-scheduler", timeout=600)
-    return root, config, proc
-
-
 def test_reduced_demo_chain_runs_end_to_end(demo_run):
     root, _, proc = demo_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -82,7 +73,7 @@ def test_reduced_demo_chain_runs_end_to_end(demo_run):
         assert all(0 <= summary[task][k] <= 100 for k in summary[task])
     report_dir = result.parents[2] / "Report" / report.split("/")[-1]
     assert "| VQA v2 (accuracy, official) |" in (report_dir / "report.md").read_text()
-    assert len(list((report_dir / "images").glob("*.png"))) == 4
+    assert len(list((report_dir / "examples").glob("*.jpg"))) == 3 * 8
     [validation] = (root / "work" / "ValidateFeatures").glob("*/report.json")
     assert json.loads(validation.read_text())["problems"] == []
     # nothing is left half-written: every task folder is complete, no partial folder remains

@@ -69,7 +69,8 @@ def explicit(cls: type[luigi.Task], **given: Any) -> dict[str, Any]:
 def command_line(cls: type[luigi.Task], params: dict[str, Any]) -> list[str]:
     """`luigi --module pipeline.tasks <Task> --param value ...` for the same task."""
     flags = [x for name, param in cls.get_params()
-             for x in (f"--{name.replace('_', '-')}", param.serialize(params[name]))]
+             for x in ((f"--{name.replace('_', '-')}",) * bool(params[name]) if isinstance(param, luigi.BoolParameter)
+                       else (f"--{name.replace('_', '-')}", param.serialize(params[name])))]  # a bool is a bare flag
     return [sys.executable, "-m", "luigi", "--module", "pipeline.tasks", cls.get_task_family(), *flags,
             "--local-scheduler"]
 

@@ -38,6 +38,7 @@ from extractor.detector.samples import DetectionDataset, DetectionSample
 from extractor.detector.weights import save_detectron2_weights
 from extractor.fileio import atomic_write
 from extractor.images import read_img_id_list
+from extractor.progress import ProgressFn, ProgressReporter
 
 
 def _as_list(items: list[DetectionSample]) -> list[DetectionSample]:
@@ -119,7 +120,8 @@ def train_detector(cfg: DetectorConfig | str | os.PathLike, *, images: str | os.
                    batch_size: int = 4, lr: float = 5e-3, weight_decay: float = 1e-4, warmup_steps: int = 50,
                    flip: bool = True, losses: LossSettings = LossSettings(), seed: int = 0,
                    device: str = "cpu", num_workers: int = 0, unknown_names: str = "error",
-                   progress: bool = True, config_file: str | os.PathLike | None = None) -> dict[str, Any]:
+                   progress: bool = True, config_file: str | os.PathLike | None = None,
+                   on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Train VGDetector(cfg) from random initialisation; save Detectron2-format weights and a metrics JSON.
 
     Validation images are ``val_ids`` when given, else a deterministic ``val_fraction`` of the
@@ -128,7 +130,8 @@ def train_detector(cfg: DetectorConfig | str | os.PathLike, *, images: str | os.
     Returns the metrics (mAP@0.5 and region accuracy on val, per-epoch mean losses, wall and CPU
     seconds), which are also written to ``metrics`` (default: ``output`` with suffix ``.json``).
     The config goes to ``config_file`` (default: ``output`` with suffix ``.yaml``) before training, its
-    label files copied beside it, so the weights' folder is self-describing.
+    label files copied beside it, so the weights' folder is self-describing. `on_progress` gets the step,
+    loss and pace every few seconds (extractor.progress).
     """
     wall, cpu = time.perf_counter(), time.process_time()
     cfg = DetectorConfig.load(cfg)
@@ -170,6 +173,7 @@ def train_detector(cfg: DetectorConfig | str | os.PathLike, *, images: str | os.
     batches = batches[:total]
     loader = DataLoader(train_data, batch_sampler=batches, num_workers=num_workers, collate_fn=_as_list)
 
+    reporter = ProgressReporter(on_progress, "detector", total, "step", batch_size)
     history: list[dict[str, float]] = []
     sums: dict[str, float] = {}
     devices = [dev.index or 0] if dev.type == "cuda" else []
@@ -200,6 +204,7 @@ def train_detector(cfg: DetectorConfig | str | os.PathLike, *, images: str | os.
                     sums = {}
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
+                reporter.update(step + 1, loss.item())
     train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
 
     model.eval()

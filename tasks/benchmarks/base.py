@@ -119,6 +119,8 @@ class Benchmark(ABC):
     model_class: type[nn.Module]      # the network with this benchmark's head
     load_task: Callable[[str | Path], list[dict]]                   # the entries of one LXMERT-format task file
     submission_writer: Callable[[str | Path, Mapping[Any, Any]], None]  # the submission file, atomically
+    submission_reader: Callable[[str | Path], dict[Any, Any]]         # {id: answer} of a submission file
+    image_keys: tuple[str, ...] = ("img_id",)  # the task entries' image fields, in the order the model reads them
 
     def recipe(self) -> TrainConfig:
         """The loop settings of the original fine-tuning recipe: batch 32, 4 epochs, warm-up 10%,
@@ -160,6 +162,11 @@ class Benchmark(ABC):
         """The number papers report, in percent, from the official scorer's output."""
 
     @abstractmethod
+    def breakdowns(self, official: dict[str, Any]) -> dict[str, dict[str, float]]:
+        """The official scorer's output as the report's tables: {table title: {row: value}}, values in percent
+        unless the row's name says otherwise."""
+
+    @abstractmethod
     def evaluate(self, predictions: Path, **official: Any) -> dict:
         """The official scorer on a submission file and the split's official files (named as the
         `python -m tasks.evaluate` options); bad input raises DataFormatError / PredictionError / OSError."""
@@ -173,6 +180,19 @@ class Benchmark(ABC):
         """The benchmark's submission file of `predictions` (written atomically); returns its path."""
         self.submission_writer(path, predictions)
         return Path(path)
+
+    def read_submission(self, path: str | Path) -> dict[Any, Any]:
+        """{example id: answer} of a submission file, as `write_submission` wrote it."""
+        return self.submission_reader(path)
+
+    # -- one example, for people (the report's examples)
+    @abstractmethod
+    def gold(self, entry: dict) -> Any:
+        """The right answer of a task entry (the best-scored one), or None when it has no label."""
+
+    @abstractmethod
+    def credit(self, entry: dict, answer: Any) -> float:
+        """What `answer` scores on a task entry, in [0, 1] (VQA's soft score; 0 or 1 elsewhere)."""
 
     # -- majority baseline
     @abstractmethod

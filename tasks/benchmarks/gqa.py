@@ -182,6 +182,7 @@ class GQABenchmark(QABenchmark):
     load_task = staticmethod(load_gqa_task)
     default_table = staticmethod(default_gqa_table)
     submission_writer = staticmethod(write_gqa_submission)
+    submission_reader = staticmethod(read_gqa_predictions)
 
     def official_score(self, labels: Mapping[Any, Any], preds: Mapping[Any, Any], annotations: str,
                        choices: str | None) -> dict[str, Any]:
@@ -191,6 +192,14 @@ class GQABenchmark(QABenchmark):
 
     def headline(self, metrics: dict[str, Any]) -> float:
         return round(float(metrics["accuracy"]), 2)
+
+    def breakdowns(self, official: dict[str, Any]) -> dict[str, dict[str, float]]:
+        names = {"accuracy": "accuracy", "binary": "binary", "open": "open", "consistency": "consistency",
+                 "validity": "validity", "plausibility": "plausibility",
+                 "distribution": "distribution (chi-square / 100, lower is better)"}
+        return {"overall": {shown: official[key] for key, shown in names.items() if key in official},
+                "per structural type": official["accuracyPerStructuralType"],
+                "per semantic type": official["accuracyPerSemanticType"]}
 
     def evaluate(self, predictions: Path, questions: Path, choices: Path | None = None,
                  allow_missing: bool = False) -> dict:

@@ -121,6 +121,8 @@ class NLVR2Benchmark(Benchmark):
     lr = 5e-5
     load_task = staticmethod(load_nlvr2_task)
     submission_writer = staticmethod(write_nlvr2_submission)
+    submission_reader = staticmethod(read_nlvr2_predictions)
+    image_keys = ("img0", "img1")
     model_class = LxmertForNLVR2
 
     def dataset(self, entries: list[dict], stores: Sequence[Any], tokenizer: Any, table: AnswerTable | None,
@@ -143,6 +145,9 @@ class NLVR2Benchmark(Benchmark):
     def headline(self, metrics: dict[str, Any]) -> float:
         return round(100 * float(metrics["accuracy"]), 2)
 
+    def breakdowns(self, official: dict[str, Any]) -> dict[str, dict[str, float]]:
+        return {"overall": {"accuracy": 100 * official["accuracy"], "consistency": 100 * official["consistency"]}}
+
     def evaluate(self, predictions: Path, data: Path, allow_missing: bool = False) -> dict:
         """NLVR2 accuracy and consistency of an `identifier,True|False` CSV."""
         preds = read_nlvr2_predictions(existing(Path(predictions), "--predictions"))
@@ -152,6 +157,12 @@ class NLVR2Benchmark(Benchmark):
     def add_evaluate_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--data", type=Path, required=True, help="the split's JSON-lines file")
         parser.add_argument("--predictions", type=Path, required=True, help="CSV of identifier,True|False")
+
+    def gold(self, entry: dict) -> Any:
+        return bool(entry["label"]) if "label" in entry else None
+
+    def credit(self, entry: dict, answer: Any) -> float:
+        return float("label" in entry and answer == bool(entry["label"]))
 
     def training_answers(self, train: list[dict]) -> list[Any]:
         """Each labelled pair's label."""

@@ -110,6 +110,13 @@ class QABenchmark(Benchmark):
     def best_metric(self, annotations: str | None) -> str:
         return "accuracy" if annotations else "soft_score"
 
+    def gold(self, entry: dict) -> Any:
+        label = entry.get("label") or {}
+        return max(label.items(), key=lambda kv: (kv[1], kv[0]))[0] if label else None
+
+    def credit(self, entry: dict, answer: Any) -> float:
+        return float((entry.get("label") or {}).get(answer, 0.0))
+
     def training_answers(self, train: list[dict]) -> list[Any]:
         """Each labelled question's top-scored answer."""
         return [max(e["label"].items(), key=lambda kv: (kv[1], kv[0]))[0] for e in train if e.get("label")]

@@ -124,6 +124,7 @@ class VQABenchmark(QABenchmark):
     load_task = staticmethod(load_vqa_task)
     default_table = staticmethod(default_vqa_table)
     submission_writer = staticmethod(write_vqa_submission)
+    submission_reader = staticmethod(read_vqa_predictions)
 
     def official_score(self, labels: Mapping[Any, Any], preds: Mapping[Any, Any], annotations: str,
                        choices: str | None) -> dict[str, Any]:
@@ -134,6 +135,9 @@ class VQABenchmark(QABenchmark):
 
     def headline(self, metrics: dict[str, Any]) -> float:
         return float(metrics["overall"])
+
+    def breakdowns(self, official: dict[str, Any]) -> dict[str, dict[str, float]]:
+        return {"per answer type": official["perAnswerType"], "per question type": official["perQuestionType"]}
 
     def evaluate(self, predictions: Path, annotations: Path, questions: Path | None = None,
                  rules: Rules = "current", allow_missing: bool = False) -> dict:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from extractor.fileio import atomic_write, writing
+from extractor.progress import ProgressFn, ProgressReporter
 from tasks.training.checkpoints import (
     CHECKPOINT_FORMAT,
     CheckpointWarning,
@@ -273,7 +274,8 @@ def train(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *,
           export_fn: Callable[[nn.Module, Path], None] = export_model,
           find_unused_parameters: bool = True,
           extra: dict[str, Any] | None = None,
-          env: DistEnv | None = None) -> TrainResult:
+          env: DistEnv | None = None,
+          on_progress: ProgressFn | None = None) -> TrainResult:
     """Train `model` on `train_set` as `cfg` says and return a summary (complete on rank 0).
 
     `step_fn(model, batch, ctx)` runs the forward pass of the unwrapped model and returns the
@@ -284,7 +286,8 @@ def train(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *,
     to `final/` via `export_fn`. `extra` (plain data, e.g. the network's config) is stored in
     every checkpoint. `find_unused_parameters` stays on for LXMERT: the last cross layer's
     vision branch never reaches a QA / NLVR2 loss, and a pretraining batch may lack some
-    objective's targets.
+    objective's targets. `on_progress` (rank 0) gets the step, the last logged loss and the pace every few
+    seconds (extractor.progress).
     """
     cfg.validate()
     env = env or init_distributed(cfg.device)
@@ -292,7 +295,7 @@ def train(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *,
         raise ValueError("amp: fp16 needs CUDA; use bf16 or none on CPU")
     run = _Run(model, train_set, cfg, env, collate_fn=collate_fn, step_fn=step_fn, loss_names=loss_names,
                eval_fn=eval_fn, best_metric=best_metric, export_fn=export_fn, extra=extra)
-    return run.train(find_unused_parameters)
+    return run.train(find_unused_parameters, on_progress if env.is_main else None)
 
 
 class _Run:
@@ -325,7 +328,7 @@ class _Run:
 
     # ------------------------------------------------------------------ start and end
 
-    def train(self, find_unused_parameters: bool) -> TrainResult:
+    def train(self, find_unused_parameters: bool, on_progress: ProgressFn | None = None) -> TrainResult:
         """Resume, run the epochs, export the final model; a NaN loss is recorded, then raised."""
         cfg, env, p = self.cfg, self.env, self.progress
         resumed = self.resume()
@@ -337,6 +340,8 @@ class _Run:
             self.logs = RunLogs(self.out, self.names, p.step if resumed else None, cfg.tensorboard)
         self.bar = tqdm(total=self.plan.total_steps, initial=p.step, disable=not (env.is_main and cfg.progress),
                         dynamic_ncols=True, desc="train")
+        self.reporter = ProgressReporter(on_progress, "train", self.plan.total_steps, "step", cfg.batch_size,
+                                         start=p.step)
         try:
             while p.step < self.plan.total_steps and p.epoch < self.plan.epochs:
                 self.run_epoch()
@@ -428,6 +433,7 @@ class _Run:
             self.bar.update(1)
             if p.step % cfg.log_every == 0 or p.step == plan.total_steps:
                 self.log_row(lr)
+            self.reporter.update(p.step, p.last_losses.get("loss"))  # the last logged loss: no device sync
             if p.step == plan.total_steps:
                 break
             if cfg.ckpt_every and p.step % cfg.ckpt_every == 0 and p.batch_in_epoch < plan.micro_per_epoch:
