@@ -42,14 +42,15 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "coin
 
 
 def cpu_name() -> str:
-    """The CPU's model name (Linux), else the machine type."""
+    """The CPU's model name and its bf16 instruction sets (Linux), else the machine type."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    name = next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")), "")
+    flags = next((set(x.split(":", 1)[1].split()) for x in info.splitlines() if x.startswith("flags")), set())
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name or platform.machine()}, {os.cpu_count()} cores, bf16 instructions: {', '.join(bf16) or 'none'}"
 
 
 def make_inputs(root: Path, count: int, config: str) -> tuple[Path, Path]:
@@ -166,8 +167,9 @@ def alternate(args: argparse.Namespace, images: Path, weights: Path, config: str
             "load_average": [min(loads), max(loads)], "outputs": outputs}
 
 
-def trained_detector(args: argparse.Namespace, root: Path) -> tuple[Path, Path, list[Path]]:
-    """(weights, config YAML, the world's validation images): --detector's, or the demo detector trained here."""
+def trained_detector(args: argparse.Namespace, root: Path) -> tuple[Path, Path, list[Path], dict]:
+    """(weights, config YAML, the world's validation images, its training figures): --detector's, or the demo
+    detector trained here (then with its mAP@0.5)."""
     from extractor.detector.train import train_detector
     from extractor.images import list_images, read_img_id_list
     from tasks.demo.layout import LAYOUT
@@ -180,7 +182,7 @@ def trained_detector(args: argparse.Namespace, root: Path) -> tuple[Path, Path, 
     val_images = [p for p in list_images(world / LAYOUT["vg"]["images"]) if p.stem in set(map(str, val_ids))]
     if args.detector:
         folder = Path(args.detector)
-        return folder / "weights.pkl", folder / "config.yaml", val_images
+        return folder / "weights.pkl", folder / "config.yaml", val_images, {"detector": str(folder)}
     print(f"training the demo detector for {args.train_steps} steps ...", flush=True)
     result = train_detector(world / DETECTOR_CONFIG, images=world / LAYOUT["vg"]["images"],
                             objects=world / LAYOUT["vg"]["objects"], attributes=world / LAYOUT["vg"]["attributes"],
@@ -188,7 +190,9 @@ def trained_detector(args: argparse.Namespace, root: Path) -> tuple[Path, Path, 
                             progress=False)
     print(f"  mAP@0.5 {result['map50']:.3f} on {result['val_images']} validation images, "
           f"{result['train_seconds']:.0f} s", flush=True)
-    return root / "detector" / "weights.pkl", root / "detector" / "weights.yaml", val_images
+    figures = {"train_steps": args.train_steps, "map50": result["map50"], "val_images": result["val_images"],
+               "train_seconds": result["train_seconds"]}
+    return root / "detector" / "weights.pkl", root / "detector" / "weights.yaml", val_images, figures
 
 
 def compare_amp(args: argparse.Namespace, device_name: str) -> None:
@@ -203,7 +207,7 @@ def compare_amp(args: argparse.Namespace, device_name: str) -> None:
         released["drift"] = amp_drift(released.pop("outputs")["fp32"], root / "released" / "bf16.h5")
         report[args.config] = released
 
-        weights, config, val_images = trained_detector(args, root)
+        weights, config, val_images, training = trained_detector(args, root)
         mixed = root / "trained" / "images"
         mixed.mkdir(parents=True)
         for p in sorted(photos.iterdir()):
@@ -218,6 +222,7 @@ def compare_amp(args: argparse.Namespace, device_name: str) -> None:
         photo_ids = [p.stem for p in sorted(photos.iterdir())]
         trained["drift_photos"] = amp_drift(outputs["fp32"], outputs["bf16"], photo_ids)
         trained["drift_world"] = amp_drift(outputs["fp32"], outputs["bf16"], world_ids)
+        trained["detector"] = training
         report["trained demo detector"] = trained
     print(json.dumps(report, indent=1))
     if args.out:
@@ -250,7 +255,7 @@ def main() -> None:
         return
 
     cuda = args.device.startswith("cuda")
-    cpu = f"{cpu_name()}, {os.cpu_count()} cores"
+    cpu = cpu_name()
     name = torch.cuda.get_device_name(args.device) if cuda else cpu
     if args.compare_amp:
         compare_amp(args, name)

@@ -8,6 +8,12 @@ formats. Each run is its own process, so peak memory (RSS on CPU, allocated memo
 its own; the implementations alternate `--repeats` times and the median is reported, with the
 process CPU time per example (the cores of a shared machine make wall time noisy).
 
+`--compare-amp` times our loop in float32 (`amp none`) against bf16 autocast (or `--amp fp16` on CUDA)
+instead: `--repeats` pairs of runs in alternating order, medians and the speed-up, the load average
+around each run. Then the loss drift: one run of each for `--drift-steps` steps from the same seed on
+the same batches (the dataset's masking and the dropout draws do not depend on the precision), the
+two loss curves step by step, their largest and mean absolute difference and both final losses.
+
 Both are clocked the same way: when a step's batch reaches the model, from step `--warmup` to
 step `--warmup + --steps`, so the timed window holds `--steps` whole steps including data
 loading. The model FLOPs of a step are counted once with torch's FlopCounterMode on our network
@@ -16,12 +22,14 @@ loading. The model FLOPs of a step are counted once with torch's FlopCounterMode
 
     python bench/train_throughput.py                      # CPU, small model, fp32
     python bench/train_throughput.py --model base --device cuda --amp bf16 --batch-size 256 --workers 8
+    python bench/train_throughput.py --compare-amp --repeats 3 --drift-steps 100   # CPU fp32 vs bf16
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -74,6 +82,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for the AMP dtype (default: bench/gpu_peaks.py's for a known GPU)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--compare-amp", action="store_true",
+                   help="our loop (not --impl) in float32 against --amp (bf16 unless fp16 is given), alternating, "
+                        "and the loss drift")
+    p.add_argument("--drift-steps", type=int, default=100, help="--compare-amp: steps of the two loss curves")
     p.add_argument("--sync-debug", action="store_true",
                    help="CUDA: warn where our loop makes the host wait for the GPU (torch's sync debug mode)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -98,7 +110,7 @@ class Clock:
         (w0, c0), (w1, c1) = self.marks[self.first], self.marks[self.last]
         n = args.steps * args.batch_size
         return {"examples_per_s": n / (w1 - w0), "cpu_ms_per_example": 1000 * (c1 - c0) / n,
-                "peak_mib": peak_memory(self.device)}
+                "peak_mib": peak_memory(self.device), "load_average": os.getloadavg()[0]}
 
 
 def pretrain_config(args: argparse.Namespace, out: Path) -> PretrainConfig:
@@ -142,14 +154,17 @@ def run_ours(args: argparse.Namespace) -> dict:
         torch.manual_seed(cfg.train.seed)
         data, config = dataset(cfg)
         step = make_step(cfg)
+        losses: list[torch.Tensor] = []
 
         def timed(model: nn.Module, batch: dict, ctx: StepContext) -> StepOutput:
             clock.tick(ctx.step)
-            return step(model, batch, ctx)
+            out = step(model, batch, ctx)
+            losses.append(out.loss.detach().float())  # read after training: no extra host wait per step
+            return out
 
         train(LxmertForPreTraining(config), data, cfg.train, collate_fn=collate_pretrain, step_fn=timed,
               loss_names=OBJECTIVES, export_fn=lambda model, directory: None)
-    return clock.result(args)
+    return {**clock.result(args), "losses": [float(x) for x in losses]}
 
 
 def run_hf(args: argparse.Namespace) -> dict:
@@ -201,8 +216,8 @@ def flops_per_example(args: argparse.Namespace) -> float:
 
 
 def measure(args: argparse.Namespace, impl: str, world: str, argv: list[str]) -> dict:
-    """One run of `impl` in a fresh process."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--world", world, *argv]
+    """One run of `impl` in a fresh process (later flags in argv override earlier ones)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", impl, "--world", world]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
@@ -210,6 +225,52 @@ def measure(args: argparse.Namespace, impl: str, world: str, argv: list[str]) ->
     if args.sync_debug:
         print(f"--- {impl}: where the host waited for the GPU ---\n{done.stderr}", file=sys.stderr)
     return json.loads(line[len("RESULT "):])
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its bf16 instruction sets (Linux), else the machine type."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")), "")
+    flags = next((set(x.split(":", 1)[1].split()) for x in info.splitlines() if x.startswith("flags")), set())
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name or platform.machine()}, {os.cpu_count()} cores, bf16 instructions: {', '.join(bf16) or 'none'}"
+
+
+def loss_drift(reference: list[float], other: list[float]) -> dict:
+    """Two loss curves of the same batches compared step by step."""
+    diff = [abs(a - b) for a, b in zip(reference, other, strict=True)]
+    tail = max(1, len(diff) // 10)
+    return {"steps": len(diff), "max_abs_diff": max(diff), "mean_abs_diff": statistics.fmean(diff),
+            "final_loss_fp32": reference[-1], "final_loss_amp": other[-1],
+            "last_tenth_mean_fp32": statistics.fmean(reference[-tail:]),
+            "last_tenth_mean_amp": statistics.fmean(other[-tail:]),
+            "loss_fp32": reference, "loss_amp": other}
+
+
+def compare_amp(args: argparse.Namespace, world: str, argv: list[str]) -> dict:
+    """Our loop in float32 against args.amp: paired runs in alternating order, then one loss curve each."""
+    runs: dict[str, list[dict]] = {"none": [], args.amp: []}
+    for r in range(args.repeats):
+        for amp in ("none", args.amp) if r % 2 == 0 else (args.amp, "none"):
+            runs[amp].append(measure(args, "ours", world, [*argv, "--amp", amp]))
+            print(f"  round {r + 1} {amp}: {runs[amp][-1]['examples_per_s']:.2f} examples/s "
+                  f"(load {runs[amp][-1]['load_average']:.1f})", flush=True)
+    curve = [*argv, "--warmup", "0", "--steps", str(args.drift_steps - 1)]
+    losses = {amp: measure(args, "ours", world, [*curve, "--amp", amp])["losses"] for amp in runs}
+    speeds = {amp: [x["examples_per_s"] for x in rs] for amp, rs in runs.items()}
+    return {
+        "fp32_examples_per_s": statistics.median(speeds["none"]),
+        "amp_examples_per_s": statistics.median(speeds[args.amp]),
+        "speedup": statistics.median(b / f for f, b in zip(speeds["none"], speeds[args.amp])),
+        "fp32_cpu_ms_per_example": statistics.median(x["cpu_ms_per_example"] for x in runs["none"]),
+        "amp_cpu_ms_per_example": statistics.median(x["cpu_ms_per_example"] for x in runs[args.amp]),
+        "runs": speeds, "load_average": [min(x["load_average"] for rs in runs.values() for x in rs),
+                                         max(x["load_average"] for rs in runs.values() for x in rs)],
+        "drift": loss_drift(losses["none"], losses[args.amp]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,14 +282,21 @@ def main(argv: list[str] | None = None) -> int:
         result = run_ours(args) if args.child == "ours" else run_hf(args)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
+    if args.compare_amp and args.drift_steps < 2:
+        raise SystemExit(f"--drift-steps must be at least 2, got {args.drift_steps}")
+    if args.compare_amp and args.amp == "none":
+        args.amp = "bf16"
     from tasks.demo.feature_world import write_world
 
     runs: dict[str, list[dict]] = {impl: [] for impl in args.impl}
     with tempfile.TemporaryDirectory() as tmp:
-        n_images = math.ceil((args.warmup + args.steps + 2) * args.batch_size / SENTENCES_PER_IMAGE) + 1
+        steps = max(args.warmup + args.steps + 2, args.drift_steps + 1 if args.compare_amp else 0)
+        n_images = math.ceil(steps * args.batch_size / SENTENCES_PER_IMAGE) + 1
         write_world(tmp, n_images=n_images, max_boxes=args.boxes, feature_dim=args.feature_dim,
                     vary_boxes=False)
         args.world = Path(tmp)
+        if args.compare_amp:
+            return report_amp(args, compare_amp(args, tmp, argv))
         flops = flops_per_example(args)
         for _ in range(args.repeats):
             for impl in args.impl:
@@ -238,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops or peak_tflops(gpu, args.amp)
     results = {}
     for impl, rs in runs.items():
-        r = {key: statistics.median(x[key] for x in rs) for key in rs[0]}
+        r = {key: statistics.median(x[key] for x in rs) for key in rs[0] if key != "losses"}
         r["examples_per_s_runs"] = [x["examples_per_s"] for x in rs]
         r["model_tflops_per_s"] = r["examples_per_s"] * flops / 1e12
         if peak:
@@ -249,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                   "warmup": args.warmup, "repeats": args.repeats, "boxes": args.boxes,
                   "feature_dim": args.feature_dim, "device": str(device), "amp": args.amp,
                   "workers": args.workers, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "cpu": platform.processor() or platform.machine(), "gpu": gpu,
+                  "cpu": cpu_name(), "gpu": gpu,
                   "model_gflops_per_example": flops / 1e9},
         "results": results,
     }
@@ -261,6 +329,29 @@ def main(argv: list[str] | None = None) -> int:
     if "ours" in results and "hf" in results:
         ratio = results["ours"]["examples_per_s"] / results["hf"]["examples_per_s"]
         print(f"speed-up ours / hf: {ratio:.2f}x")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def report_amp(args: argparse.Namespace, result: dict) -> int:
+    """Print and save --compare-amp's figures."""
+    device = resolve_device(args.device)
+    report = {
+        "setup": {"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+                  "repeats": args.repeats, "drift_steps": args.drift_steps, "boxes": args.boxes,
+                  "feature_dim": args.feature_dim, "device": str(device), "amp": args.amp, "workers": args.workers,
+                  "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu_name(),
+                  "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "results": result,
+    }
+    d = result["drift"]
+    print(f"{report['setup']['cpu']}; load average {result['load_average'][0]:.1f}-{result['load_average'][1]:.1f}")
+    print(f"fp32 {result['fp32_examples_per_s']:.2f} examples/s, {args.amp} {result['amp_examples_per_s']:.2f}: "
+          f"{result['speedup']:.2f}x (median of {args.repeats} pairs)")
+    print(f"loss over {d['steps']} steps: max |diff| {d['max_abs_diff']:.4f}, mean {d['mean_abs_diff']:.4f}; final "
+          f"fp32 {d['final_loss_fp32']:.4f}, {args.amp} {d['final_loss_amp']:.4f}; mean of the last tenth "
+          f"{d['last_tenth_mean_fp32']:.4f} / {d['last_tenth_mean_amp']:.4f}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
