@@ -18,6 +18,7 @@ from extractor.store import FeatureReader, ImageFeatures
 from pipeline.base import PipelineTask
 from pipeline.detector import TrainDetector
 from pipeline.features import ExtractFeatures, ValidateFeatures
+from pipeline.grounding import MeasurePointing
 from pipeline.training import EvaluateGQA, EvaluateNLVR2, EvaluateVQA, PretrainLXMERT
 from tasks.benchmarks import BENCHMARKS, Benchmark
 from tasks.inference import load_finetuned
@@ -27,6 +28,8 @@ from tasks.report import (
     choose_examples,
     detector_section,
     examples_section,
+    grounding_section,
+    grounding_summary,
     pretraining_section,
     render_examples,
     summarize,
@@ -69,6 +72,8 @@ class Report(PipelineTask):
             "features": ExtractFeatures()}
         if "pretrained" in self.inits:
             deps["pretrain"] = PretrainLXMERT()
+        if MeasurePointing().input_value("objects"):  # the GQA images' boxes are known
+            deps["pointing"] = {init: MeasurePointing(init=init) for init in self.inits}
         return deps
 
     def build(self, out: Path) -> None:
@@ -78,8 +83,11 @@ class Report(PipelineTask):
         extraction = ExtractFeatures.inputs(inputs["features"])  # the detector trained upstream, if any
         detector = TrainDetector.metrics(Path(extraction["detector"])) if extraction["detector"] else None
         summary = summarize(evaluations, detector, _graph_seconds(self))
+        pretrain_evals = load_json(inputs["pretrain"] / "metrics.json")["evals"] if "pretrain" in inputs else []
+        pointing = {init: load_json(d / "metrics.json") for init, d in inputs.get("pointing", {}).items()}
+        summary["grounding"] = grounding_summary(pretrain_evals, pointing)
         shown = _Shown(ExtractFeatures.path(inputs["features"]), extraction["images"])
-        sections, asks = [summary_section(summary)], []
+        sections, asks = [summary_section(summary), grounding_section(summary["grounding"], pointing, out)], []
         for task, benchmark in BENCHMARKS.items():
             sections.append(benchmark_section(benchmark, evaluations.get(task, {})))
             if self.examples > 0 and inputs["evaluate"].get(task):
@@ -90,7 +98,7 @@ class Report(PipelineTask):
         sections.append(detector_section(detector))
         shown.close()
         write_report(out, sections, title=self.title, summary=summary,
-                     metrics={"evaluations": evaluations, "detector": detector})
+                     metrics={"evaluations": evaluations, "detector": detector, "pointing": pointing})
         if asks:
             write_json_atomic(out / self.ASK, {**asks[0], "detector": extraction["detector"] or extraction["weights"]},
                               indent=1)

@@ -2,6 +2,7 @@
 from pipeline.data import BuildGQAData, BuildNLVR2Data, BuildPretrainCorpus, BuildTaskData, BuildVQAData
 from pipeline.detector import TrainDetector
 from pipeline.features import ExtractFeatures, ExtractFeaturesShard, ImportTSVFeatures, ValidateFeatures
+from pipeline.grounding import MeasurePointing
 from pipeline.report import Report, RunAll
 from pipeline.sources import GenerateDemoWorld
 from pipeline.training import (
@@ -17,4 +18,4 @@ from pipeline.training import (
 __all__ = ["BuildGQAData", "BuildNLVR2Data", "BuildPretrainCorpus", "BuildTaskData", "BuildVQAData",
            "EvaluateGQA", "EvaluateNLVR2", "EvaluateVQA", "ExtractFeatures", "ExtractFeaturesShard",
            "FinetuneGQA", "FinetuneNLVR2", "FinetuneVQA", "GenerateDemoWorld", "ImportTSVFeatures",
-           "PretrainLXMERT", "Report", "RunAll", "TrainDetector", "ValidateFeatures"]
+           "MeasurePointing", "PretrainLXMERT", "Report", "RunAll", "TrainDetector", "ValidateFeatures"]

@@ -427,7 +427,8 @@ def make_step(cfg: PretrainConfig) -> StepFn:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: PretrainDataset, indices: Sequence[int], cfg: PretrainConfig,
              env: DistEnv, batch_size: int, epoch: int) -> dict[str, float]:
-    """Mean losses of the objectives trained at `epoch` and the QA score (soft score of the
+    """Mean losses of the objectives trained at `epoch`, the matching accuracy (the matching head's
+    argmax against matched / mismatched, over every pair) and the QA score (soft score of the
     predicted answer over matched labelled pairs) on held-out examples with fixed masks; every
     rank takes a shard and the sums are reduced."""
     model.eval()
@@ -436,7 +437,7 @@ def evaluate(model: nn.Module, dataset: PretrainDataset, indices: Sequence[int],
     loader = DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
                         num_workers=cfg.train.num_workers, collate_fn=collate_pretrain,
                         generator=epoch_generator(cfg.train.seed, 0, env.rank))
-    names = ["loss", *OBJECTIVES, "qa_score"]
+    names = ["loss", *OBJECTIVES, "matched_accuracy", "qa_score"]
     sums = torch.zeros(len(names), dtype=torch.float64, device=env.device)
     counts = torch.zeros(len(names), dtype=torch.float64, device=env.device)
     qa_hits, qa_rows = 0.0, 0  # summed on the host: the rows and example indices come from the host batch
@@ -452,6 +453,10 @@ def evaluate(model: nn.Module, dataset: PretrainDataset, indices: Sequence[int],
             if k in OBJECTIVES:
                 sums[names.index(k)] += value.double() * n
                 counts[names.index(k)] += n
+        if given["matched_label"] is not None:
+            hits = out.cross_relationship_score.argmax(-1) == given["matched_label"]
+            sums[names.index("matched_accuracy")] += hits.sum().double()
+            counts[names.index("matched_accuracy")] += n
         if given["ans"] is not None:
             # with targets the network scores only rows with an answer (matched, labelled pairs)
             rows = host["target_rows"]["qa"].tolist()

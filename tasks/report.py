@@ -141,6 +141,15 @@ def summary_section(summary: dict[str, Any]) -> Section:
                 for t, b in BENCHMARKS.items()])
     if summary["detector"]["map50"] is not None:
         body.para(f"Detector trained here: mAP@0.5 = {100 * summary['detector']['map50']:.1f}% on its val images.")
+    grounding = summary.get("grounding") or {}
+    if grounding.get("matching"):
+        body.para(f"Image-sentence matching on held-out pairs after pretraining: "
+                  f"{grounding['matching']['last_epoch']:.2f}% (chance 50%).")
+    if grounding.get("pointing"):
+        p = grounding["pointing"]
+        body.para("Pointing accuracy of the GQA models' cross-attention (see Grounding): " +
+                  ", ".join(f"{INITS[i]} {p[i]:.2f}%" for i in INITS if p.get(i) is not None) +
+                  f"; chance {p['chance']:.2f}%.")
     return body.section("Summary")
 
 
@@ -206,6 +215,65 @@ def pretraining_section(run: Path, out: Path) -> Section | None:
                         f"and validation (each epoch); {_count(len(train), 'logged step')}, "
                         f"{_count(len(valid), 'validation')}.")
     return body.section("Pretraining curves")
+
+
+def grounding_summary(pretrain_evals: Sequence[dict[str, Any]], pointing: Mapping[str, dict[str, Any]]
+                      ) -> dict[str, Any]:
+    """summary.json's grounding figures: the matching accuracy (%) on held-out pairs after each pretraining
+    epoch, and per init the pointing accuracy (%) with its chance level."""
+    out: dict[str, Any] = {}
+    matching = [round(100 * e["valid_matched_accuracy"], 2) for e in pretrain_evals if "valid_matched_accuracy" in e]
+    if matching:
+        out["matching"] = {"per_epoch": matching, "last_epoch": matching[-1], "chance": 50.0}
+    if pointing:
+        out["pointing"] = {init: pointing[init]["accuracy"] for init in INITS if init in pointing}
+        out["pointing"]["chance"] = next(iter(pointing.values()))["chance"]
+    return out
+
+
+def grounding_section(grounding: Mapping[str, Any], pointing: Mapping[str, dict[str, Any]], out: Path
+                      ) -> Section | None:
+    """Does the network tie words to regions: the matching accuracy on held-out image-sentence pairs after each
+    pretraining epoch, and the pointing accuracy of the GQA models' cross-attention, pretrained vs scratch."""
+    from matplotlib.figure import Figure
+
+    if not grounding:
+        return None
+    body = Body()
+    matching = grounding.get("matching")
+    if matching:
+        epochs = list(range(1, len(matching["per_epoch"]) + 1))
+        fig = Figure(figsize=(6, 3.6), dpi=100, layout="constrained")
+        ax = fig.subplots()
+        ax.plot(epochs, matching["per_epoch"], "o-", label="held-out pairs")
+        ax.axhline(matching["chance"], color="gray", linestyle="--", label="chance")
+        ax.set_xlabel("pretraining epoch")
+        ax.set_ylabel("matching accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+        path = Path("figures") / "matching.png"
+        (out / path.parent).mkdir(exist_ok=True)
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        atomic_write(out / path, png.getvalue())
+        body.para("Image-sentence matching on held-out pairs (half with a sentence of another image): the accuracy "
+                  f"of the matching head after each pretraining epoch; {matching['last_epoch']:.2f}% after the "
+                  f"last, chance {matching['chance']:.0f}%.")
+        body.image(path, "matching accuracy per epoch", "Matching accuracy on held-out pairs after each epoch.")
+    if pointing:
+        inits = [i for i in INITS if i in pointing]
+        first = pointing[inits[0]]
+        body.para("Pointing: for each object a GQA validation question names (its annotations give the words and "
+                  "the scene graph the box), does the fine-tuned GQA model's cross-attention from those words, "
+                  "averaged over heads and cross layers, peak on a box that overlaps the object (IoU >= 0.5)? "
+                  f"{first['objects']} named objects in {first['questions']} questions; chance is the share of "
+                  f"boxes that overlap the object, and {first['reachable']:.1f}% of the objects have such a box.")
+        layers = max(len(pointing[i]["per_layer"]) for i in inits)
+        body.table(["model", "pointing accuracy (%)", *(f"cross layer {k + 1}" for k in range(layers))],
+                   [[INITS[i], pointing[i]["accuracy"], *pointing[i]["per_layer"]] for i in inits]
+                   + [["chance", first["chance"], *([None] * layers)]])
+    return body.section("Grounding")
 
 
 def detector_section(metrics: dict[str, Any] | None) -> Section | None:

@@ -103,13 +103,14 @@ def test_tasks_given_no_input_path_keep_their_folders():
     pinned: a change reruns every user's outputs, so it must be deliberate (max_pixels, issue 14, was one; issue 15's
     data seam another: valid_ids, NLVR2's train_ / valid_statements, the vocabulary kept by the data tasks; issue 17's
     report a third: its examples and seed replace images, so only Report and RunAll rerun; issue 18's extraction
-    settings resize, amp and tf32 a fourth: ExtractFeatures and everything downstream)."""
+    settings resize, amp and tf32 a fourth: ExtractFeatures and everything downstream; issue 16's pointing accuracy a
+    fifth: Report depends on MeasurePointing, so only Report and RunAll rerun)."""
     assert {t.get_task_family(): t.signature() for t in (
         pt.GenerateDemoWorld(), pt.TrainDetector(), pt.ExtractFeatures(), pt.BuildNLVR2Data(),
         pt.PretrainLXMERT(), pt.FinetuneNLVR2(), pt.RunAll())} == {
         "GenerateDemoWorld": "3a216fae7429", "TrainDetector": "eab72b5b98df", "ExtractFeatures": "29668a7e5633",
         "BuildNLVR2Data": "406a502f24d1", "PretrainLXMERT": "ab8eee27c1a6", "FinetuneNLVR2": "fcd5d98a0fab",
-        "RunAll": "2ca2c360e705"}
+        "RunAll": "9e0ada25acf8"}
 
 
 class CopyInput(PipelineTask):

@@ -24,7 +24,7 @@ def test_runall_resolves_to_the_whole_chain(tmp_path, monkeypatch):
     assert found == {"RunAll", "Report", "ValidateFeatures", "GenerateDemoWorld", "TrainDetector",
                      "ExtractFeatures", "ExtractFeaturesShard", "BuildPretrainCorpus", "BuildVQAData",
                      "BuildGQAData", "BuildNLVR2Data", "PretrainLXMERT", "FinetuneVQA", "FinetuneGQA",
-                     "FinetuneNLVR2", "EvaluateVQA", "EvaluateGQA", "EvaluateNLVR2"}
+                     "FinetuneNLVR2", "EvaluateVQA", "EvaluateGQA", "EvaluateNLVR2", "MeasurePointing"}
     evaluations = [t for t in luigi.tools.deps.find_deps(pt.RunAll(), "EvaluateVQA")
                    if t.get_task_family() == "EvaluateVQA"]
     assert sorted(t.init for t in evaluations) == ["pretrained", "scratch"]
@@ -66,11 +66,15 @@ def test_reduced_demo_chain_runs_end_to_end(demo_run):
     [result] = (root / "work" / "RunAll").glob("*/result.json")
     report = json.loads(result.read_text())["report"]
     summary = json.loads((root / "work" / "Report" / report.split("/")[-1] / "summary.json").read_text())
-    assert set(summary) == {"seconds", "detector", "vqa", "gqa", "nlvr2"}
+    assert set(summary) == {"seconds", "detector", "vqa", "gqa", "nlvr2", "grounding"}
     assert summary["seconds"] > 0 and 0 <= summary["detector"]["map50"] <= 1
     for task in ("vqa", "gqa", "nlvr2"):
         assert set(summary[task]) == {"pretrained", "scratch", "majority"}
         assert all(0 <= summary[task][k] <= 100 for k in summary[task])
+    grounding = summary["grounding"]  # matching after every pretraining epoch, pointing of both GQA models
+    assert len(grounding["matching"]["per_epoch"]) >= 1 and 0 <= grounding["matching"]["last_epoch"] <= 100
+    assert set(grounding["pointing"]) == {"pretrained", "scratch", "chance"}
+    assert all(0 <= v <= 100 for v in grounding["pointing"].values())
     report_dir = result.parents[2] / "Report" / report.split("/")[-1]
     assert "| VQA v2 (accuracy, official) |" in (report_dir / "report.md").read_text()
     assert len(list((report_dir / "examples").glob("*.jpg"))) == 3 * 8

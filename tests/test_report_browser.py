@@ -68,12 +68,12 @@ def test_report_renders_in_chromium_with_every_image_and_section(report, tmp_pat
         browser.close()
     assert errors == []
     assert [s["id"] for s in facts["sections"]] == [
-        "summary", "vqa-v2", "vqa-v2-examples", "gqa", "gqa-examples", "nlvr2", "nlvr2-examples",
+        "summary", "grounding", "vqa-v2", "vqa-v2-examples", "gqa", "gqa-examples", "nlvr2", "nlvr2-examples",
         "pretraining-curves", "detector"]
     empty = [s["id"] for s in facts["sections"] if s["text"] < 20 or s["content"] == 0]
     assert empty == [] and facts["emptyCells"] == 0
     broken = [i["src"] for i in facts["images"] if i["natural"] == 0]
-    assert broken == [] and len(facts["images"]) == 3 * 8 + 1
+    assert broken == [] and len(facts["images"]) == 3 * 8 + 2  # examples, pretraining and matching curves
     examples = [i for i in facts["images"] if i["src"].startswith("examples/")]
     assert all(i["natural"] >= 384 and i["shown"] >= 384 for i in examples), examples  # labels readable
     assert all(not src.startswith(("/", "file:", "http")) for src in

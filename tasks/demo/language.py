@@ -6,7 +6,6 @@ the scene allows, so no template's answers can be guessed from the words alone.
 """
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -121,11 +120,6 @@ def _a_an(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _counted(n: int, singular: str, plural: str) -> str:
-    """'a star' / 'two stars' as in a caption."""
-    return _a_an(singular) if n == 1 else f"{NUMBER_WORDS[n]} {plural}"
-
-
 def _listing(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -170,73 +164,110 @@ class Balancer:
 
 # ---------------------------------------------------------------- captions and region phrases
 
-def _caption_list(scene: Scene, rng: np.random.Generator) -> str:
-    with_size = bool(rng.random() < 0.5)  # three objects with sizes would pass LXMERT's 20 tokens
-    objs = [scene.objects[i] for i in rng.permutation(len(scene.objects))[:2 if with_size else 3]]
-    return _capitalize(_listing([_a_an(_describe(o, with_size)) for o in objs]) + ".")
+@dataclass(frozen=True)
+class Claim:
+    """A caption with its meaning: `holds(scene)` says whether it is true of a scene (any scene, not
+    only the one it was written for), so a caption's content can be checked against other images."""
+
+    text: str
+    holds: Callable[[Scene], bool]
 
 
-def _some(rng: np.random.Generator, names: Sequence[str], counts: Counter, k: int = 3) -> list[str]:
-    """Up to k of the names present, in palette order: captions stay within LXMERT's 20 tokens."""
-    present = [n for n in names if counts[n]]
-    keep = sorted(int(i) for i in rng.permutation(len(present))[:k])
-    return [present[i] for i in keep]
+def _present(scene: Scene, o: SceneObject, with_size: bool) -> bool:
+    return scene.count(shape=o.shape, color=o.color, size=o.size if with_size else None) > 0
 
 
-def _caption_shapes(scene: Scene, rng: np.random.Generator) -> str:
-    counts = Counter(o.shape for o in scene.objects)
-    parts = [_counted(counts[s], s, PLURALS[s]) for s in _some(rng, SHAPES, counts)]
-    return f"The picture shows {_listing(parts)}."
+def _distinct(scene: Scene, rng: np.random.Generator, k: int) -> list[SceneObject]:
+    """Up to k objects of the scene with different (colour, shape), in a random order."""
+    out: list[SceneObject] = []
+    for i in rng.permutation(len(scene.objects)):
+        o = scene.objects[int(i)]
+        if all((o.color, o.shape) != (p.color, p.shape) for p in out):
+            out.append(o)
+    return out[:k]
 
 
-def _caption_colors(scene: Scene, rng: np.random.Generator) -> str:
-    counts = Counter(o.color for o in scene.objects)
-    parts = [_counted(counts[c], f"{c} shape", f"{c} shapes") for c in _some(rng, COLOR_NAMES, counts)]
-    return _capitalize(_listing(parts)) + (" on a textured background." if len(parts) < 3 else ".")
+_LIST_OPENINGS = ("", "The picture shows ", "There is ", "A picture of ")
 
 
-def _caption_relation(scene: Scene, rng: np.random.Generator) -> str | None:
+def _caption_list(scene: Scene, rng: np.random.Generator) -> Claim:
+    """Two or three of the objects by colour and shape (two with their sizes): all must be drawn."""
+    with_size = bool(rng.random() < 0.4)  # three objects with sizes would pass LXMERT's 20 tokens
+    objs = _distinct(scene, rng, 2 if with_size else 3)
+    opening = pick(rng, _LIST_OPENINGS) if len(objs) < 3 else ""  # three and an opening: too long too
+    text = _capitalize(opening + _listing([_a_an(_describe(o, with_size)) for o in objs]) + ".")
+    return Claim(text, lambda s: all(_present(s, o, with_size) for o in objs))
+
+
+def _caption_count(scene: Scene, rng: np.random.Generator) -> Claim | None:
+    """An exact count of a shape or a colour that occurs more than once."""
+    options = [("shape", s) for s in SHAPES if scene.count(shape=s) > 1]
+    options += [("color", c) for c in COLOR_NAMES if scene.count(color=c) > 1]
+    if not options:
+        return None
+    kind, name = pick(rng, options)
+    n = scene.count(**{kind: name})
+    noun = PLURALS[name] if kind == "shape" else f"{name} shapes"
+    text = pick(rng, (f"There are {NUMBER_WORDS[n]} {noun} in the picture.",
+                      f"The picture shows {NUMBER_WORDS[n]} {noun}."))
+    return Claim(text, lambda s: s.count(**{kind: name}) == n)
+
+
+def _pair_holds(a: SceneObject, b: SceneObject, rel: str) -> Callable[[Scene], bool]:
+    """Some object drawn as `a` (colour, shape) is `rel` of some object drawn as `b`."""
+    def holds(s: Scene) -> bool:
+        return any(p.color == a.color and p.shape == a.shape and q.color == b.color and q.shape == b.shape
+                   and relation(s, i, j, rel) for (i, p), (j, q) in permutations(enumerate(s.objects), 2))
+    return holds
+
+
+def _caption_relation(scene: Scene, rng: np.random.Generator) -> Claim | None:
     options = [(a, b, r) for a, b in permutations(range(len(scene.objects)), 2) for r in RELATIONS
                if relation(scene, a, b, r)]
     if not options:
         return None
     a, b, r = pick(rng, options)
     oa, ob = scene.objects[a], scene.objects[b]
-    return _capitalize(f"{_a_an(_describe(oa))} {RELATIONS[r][0]} {_a_an(_describe(ob))}.")
+    text = _capitalize(f"{_a_an(_describe(oa))} {RELATIONS[r][0]} {_a_an(_describe(ob))}.")
+    return Claim(text, _pair_holds(oa, ob, r))
 
 
 _PLACES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 
 
-def _caption_where(scene: Scene, rng: np.random.Generator) -> str | None:
+def _caption_where(scene: Scene, rng: np.random.Generator) -> Claim | None:
     options = [(i, w) for i in range(len(scene.objects)) if (w := where(scene, i))]
     if not options:
         return None
     i, w = pick(rng, options)
-    place = _PLACES[w]
-    return _capitalize(f"{_a_an(_describe(scene.objects[i], True))} {place} of the picture.")
+    o = scene.objects[i]
+    text = _capitalize(f"{_a_an(_describe(o, True))} {_PLACES[w]} of the picture.")
+    return Claim(text, lambda s: any(p.shape == o.shape and p.color == o.color and p.size == o.size
+                                     and where(s, j) == w for j, p in enumerate(s.objects)))
 
 
-def _caption_count(scene: Scene, rng: np.random.Generator) -> str:
-    n = len(scene.objects)
-    return _capitalize(f"{NUMBER_WORDS[n]} colorful shape{'s' if n > 1 else ''} drawn on a noisy background.")
+_CAPTIONS: tuple[Callable[[Scene, np.random.Generator], Claim | None], ...] = (
+    _caption_list, _caption_list, _caption_relation, _caption_where, _caption_count)
 
 
-_CAPTIONS: tuple[Callable[[Scene, np.random.Generator], str | None], ...] = (
-    _caption_list, _caption_shapes, _caption_colors, _caption_relation, _caption_where, _caption_count)
-
-
-def captions(scene: Scene, rng: np.random.Generator, k: int) -> list[str]:
-    """k different true captions of the scene (fewer only if the scene allows fewer)."""
-    out: list[str] = []
+def caption_claims(scene: Scene, rng: np.random.Generator, k: int) -> list[Claim]:
+    """k different true captions of the scene (fewer only if the scene allows fewer), each naming
+    objects by colour and shape, so that a caption of another image is rarely true of this one
+    (the matching objective needs captions an image can refute)."""
+    out: list[Claim] = []
     for _ in range(4 * k):
         for fn in (_CAPTIONS[i] for i in rng.permutation(len(_CAPTIONS))):
-            text = fn(scene, rng)
-            if text and text not in out:
-                out.append(text)
+            claim = fn(scene, rng)
+            if claim and all(claim.text != c.text for c in out):
+                out.append(claim)
             if len(out) == k:
                 return out
     return out
+
+
+def captions(scene: Scene, rng: np.random.Generator, k: int) -> list[str]:
+    """The texts of `caption_claims`."""
+    return [c.text for c in caption_claims(scene, rng, k)]
 
 
 def region_phrases(scene: Scene, rng: np.random.Generator, n_relations: int = 2) -> list[tuple[str, tuple]]:
@@ -278,19 +309,22 @@ def _vqa_shape(scene: Scene, rng: np.random.Generator) -> list[Question]:
             for r in refs(scene, "no_shape")]
 
 
+# Counts are asked of what is drawn (as most of VQA's counting questions are), so a counting question
+# presupposes its object: asked of another image, it is often refuted (what the matching objective needs).
+
 def _vqa_count_shape(scene: Scene, rng: np.random.Generator) -> list[Question]:
     return [_vqa("count_shape", f"How many {PLURALS[s]} are there?", str(n), "how many", "number")
-            for s in SHAPES if (n := scene.count(shape=s)) <= 3]
+            for s in SHAPES if 1 <= (n := scene.count(shape=s)) <= 3]
 
 
 def _vqa_count_color(scene: Scene, rng: np.random.Generator) -> list[Question]:
     return [_vqa("count_color", f"How many {c} objects are there?", str(n), "how many", "number")
-            for c in COLOR_NAMES if (n := scene.count(color=c)) <= 3]
+            for c in COLOR_NAMES if 1 <= (n := scene.count(color=c)) <= 3]
 
 
 def _vqa_count_color_shape(scene: Scene, rng: np.random.Generator) -> list[Question]:
     return [_vqa("count_color_shape", f"How many {c} {PLURALS[s]} are there?", str(n), "how many", "number")
-            for c in COLOR_NAMES for s in SHAPES if (n := scene.count(shape=s, color=c)) <= 2]
+            for c in COLOR_NAMES for s in SHAPES if 1 <= (n := scene.count(shape=s, color=c)) <= 2]
 
 
 def _vqa_count_all(scene: Scene, rng: np.random.Generator) -> list[Question]:
@@ -319,15 +353,17 @@ def _vqa_spatial(scene: Scene, rng: np.random.Generator) -> list[Question]:
     return out
 
 
+# weights: mostly questions about named objects; questions that fit any image (existence, the total
+# count) are kept few, since a sentence that fits any image teaches the matching objective nothing
 VQA_TEMPLATES: dict[str, tuple[float, Callable[[Scene, np.random.Generator], list[Question]]]] = {
     "color": (3.0, _vqa_color),
     "shape": (2.0, _vqa_shape),
-    "count_shape": (1.0, _vqa_count_shape),
-    "count_color": (0.75, _vqa_count_color),
+    "count_shape": (0.75, _vqa_count_shape),
+    "count_color": (0.5, _vqa_count_color),
     "count_color_shape": (0.5, _vqa_count_color_shape),
-    "count_all": (0.75, _vqa_count_all),
+    "count_all": (0.25, _vqa_count_all),
     "exist": (1.0, _vqa_exist),
-    "exist_any": (0.5, _vqa_exist_any),
+    "exist_any": (0.25, _vqa_exist_any),
     "spatial": (1.5, _vqa_spatial),
 }
 
@@ -830,9 +866,19 @@ def _st_relation(rng: np.random.Generator, theme: Theme) -> tuple[str, str, Trut
     return "relation", text, holds
 
 
-NLVR2_TEMPLATES: tuple[Callable[[np.random.Generator, Theme], tuple[str, str, Truth]], ...] = (
-    _st_side_exist, _st_side_none, _st_both, _st_either, _st_side_count, _st_more, _st_same, _st_total,
-    _st_relation)
+# weights: mostly statements about which coloured shapes each image holds (what captions and questions
+# teach in pretraining), fewer that count, compare counts or relate two objects
+NLVR2_TEMPLATES: dict[str, tuple[float, Callable[[np.random.Generator, Theme], tuple[str, str, Truth]]]] = {
+    "side_exist": (3.0, _st_side_exist),
+    "side_none": (1.0, _st_side_none),
+    "both_exist": (2.0, _st_both),
+    "either_exist": (1.5, _st_either),
+    "side_count": (0.75, _st_side_count),
+    "compare_count": (0.5, _st_more),
+    "same_count": (0.5, _st_same),
+    "total_count": (0.5, _st_total),
+    "relation": (1.0, _st_relation),
+}
 
 
 def nlvr2_statements(pairs: list[tuple[Scene, Scene]], theme: Theme, rng: np.random.Generator, k: int,
@@ -843,12 +889,14 @@ def nlvr2_statements(pairs: list[tuple[Scene, Scene]], theme: Theme, rng: np.ran
     false for others, the sentence alone never tells the label.
     """
     target = len(pairs) / 2
+    makers = [fn for _, fn in NLVR2_TEMPLATES.values()]
+    weights = np.array([w for w, _ in NLVR2_TEMPLATES.values()])
     out: list[tuple[str, str, list[bool]]] = []
     texts: set[str] = set()
     for _ in range(k):
         best: tuple[str, str, list[bool]] | None = None
         for _ in range(tries):
-            template, text, truth = NLVR2_TEMPLATES[int(rng.integers(len(NLVR2_TEMPLATES)))](rng, theme)
+            template, text, truth = makers[int(rng.choice(len(makers), p=weights / weights.sum()))](rng, theme)
             if text in texts:
                 continue
             labels = [bool(truth(a, b)) for a, b in pairs]

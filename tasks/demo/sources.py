@@ -43,6 +43,7 @@ SOURCES: dict[str, Any] = {
         "train_questions": [_GQA["questions"]["train"]],
         "valid_questions": _GQA["questions"]["val"],
         "valid_choices": _GQA["choices"]["val"],
+        "valid_objects": _VG["objects"],  # the boxes GQA's question annotations name (pointing accuracy)
     },
     "nlvr2": {"train_statements": _NLVR2["data"]["train"], "valid_statements": _NLVR2["data"]["dev"]},
     "vocab": LAYOUT["vocab"],
