@@ -14,9 +14,9 @@ from tasks.demo.language import (
     caption_claims,
     captions,
     relation,
-    vqa_questions,
     where,
 )
+from tasks.demo.questions import vqa_questions
 from tasks.demo.scene import PLURALS, SHAPES, Scene, sample_scene
 
 SINGULAR = {p: s for s, p in PLURALS.items()}

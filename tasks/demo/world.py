@@ -22,25 +22,12 @@ import numpy as np
 from extractor.fileio import atomic_directory, write_file, writing
 from tasks.data.tokenization import sub_vocabulary
 from tasks.demo.detector import write_detector_config
-from tasks.demo.language import (
-    COLOR_NAMES,
-    NUMBER_WORDS,
-    Balancer,
-    Question,
-    captions,
-    gqa_links,
-    gqa_questions,
-    gqa_valid_answers,
-    nlvr2_statements,
-    pick,
-    region_phrases,
-    vg_answer,
-    vg_questions,
-    vqa_questions,
-)
+from tasks.demo.language import COLOR_NAMES, NUMBER_WORDS, Balancer, Question, captions, pick, region_phrases
 from tasks.demo.layout import LAYOUT
+from tasks.demo.questions import gqa_links, gqa_questions, gqa_valid_answers, vg_answer, vg_questions, vqa_questions
 from tasks.demo.scene import SHAPES, SIZES, Scene, Theme, render, sample_scene, sample_theme
 from tasks.demo.sources import DETECTOR_CONFIG, SOURCES_FILE, sources_text
+from tasks.demo.statements import nlvr2_statements
 
 FORMAT = "lxmert-demo-world"
 VERSION = 1
