@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import time
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model
 
 import model.layers as layers
 from model import LxmertForPreTraining
@@ -121,7 +121,7 @@ def main() -> None:
     base = statistics.median(times["bert"])
     rows = {name: {"ms_per_step": round(statistics.median(t), 1),
                    "speedup": round(base / statistics.median(t), 2)} for name, t in times.items()}
-    print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    print(json.dumps({"machine": cpu_model(), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "batch": B, "steps": args.steps, "repeats": args.repeats,
                       "results": rows}, indent=1))
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,23 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_description
 from PIL import Image
 from skimage import data
 from torchvision.ops import box_iou
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "coins", "immunohistochemistry")
-
-
-def cpu_name() -> str:
-    """The CPU's model name and its bf16 instruction sets (Linux), else the machine type."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")), "")
-    flags = next((set(x.split(":", 1)[1].split()) for x in info.splitlines() if x.startswith("flags")), set())
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name or platform.machine()}, {os.cpu_count()} cores, bf16 instructions: {', '.join(bf16) or 'none'}"
 
 
 def make_inputs(root: Path, count: int, config: str) -> tuple[Path, Path]:
@@ -255,7 +243,7 @@ def main() -> None:
         return
 
     cuda = args.device.startswith("cuda")
-    cpu = cpu_name()
+    cpu = cpu_description()
     name = torch.cuda.get_device_name(args.device) if cuda else cpu
     if args.compare_amp:
         compare_amp(args, name)

@@ -13,11 +13,10 @@ Only the matching objective is trained; held-out accuracy is printed every ``--e
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from model.config import LxmertConfig
 from model.layers import set_fast_cpu_dropout
@@ -50,14 +49,6 @@ def make_batch(n: int, boxes: int, protos: tuple[torch.Tensor, torch.Tensor], ta
     return ids, feats, pos, matched
 
 
-def cpu_name() -> str:
-    """The CPU's model name (figures agree only on the same CPU model)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=["color", "pair"], default="pair")
@@ -85,7 +76,7 @@ def main() -> None:
     val = make_batch(512, args.boxes, protos, args.task, held_out)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     print(f"task {args.task}, dropout {args.dropout}{' (native)' if args.native_dropout else ''}, lr {args.lr}, "
-          f"model {args.model}, CPU {cpu_name()}, {args.threads} thread(s)", flush=True)
+          f"model {args.model}, CPU {cpu_model()}, {args.threads} thread(s)", flush=True)
     t0 = time.process_time()
     for step in range(1, args.steps + 1):
         ids, feats, pos, matched = make_batch(args.batch_size, args.boxes, protos, args.task, g)

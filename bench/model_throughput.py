@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 from gpu_peaks import peak_tflops
+from machine import cpu_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import LxmertConfig, LxmertForPreTraining
@@ -107,15 +107,6 @@ def train_step(run: Runner, batch: dict, autocast: Callable[[], contextlib.Abstr
     return float(loss.detach())
 
 
-def cpu_name() -> str:
-    """The CPU model as the kernel reports it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
@@ -181,7 +172,7 @@ def main() -> None:
                 print(f"  step {i - args.warmup}: {run.name:12s} {wall:7.3f} s wall {cpu:7.2f} s cpu",
                       flush=True)
 
-    name = torch.cuda.get_device_name(device) if cuda else cpu_name()
+    name = torch.cuda.get_device_name(device) if cuda else cpu_model()
     peak = args.peak_tflops or (peak_tflops(name, args.dtype) if cuda else None)
     print(f"\ndevice {name}, {torch.get_num_threads()} threads, {args.dtype}, batch {args.batch}, "
           f"{args.seq} tokens, {args.boxes} boxes, layers {cfg.l_layers}/{cfg.x_layers}/{cfg.r_layers}, "

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from typing import Any
 
 import torch
 from gpu_peaks import peak_tflops
+from machine import cpu_description
 from torch import nn
 
 from tasks.data.answers import default_pretrain_table
@@ -227,18 +227,6 @@ def measure(args: argparse.Namespace, impl: str, world: str, argv: list[str]) ->
     return json.loads(line[len("RESULT "):])
 
 
-def cpu_name() -> str:
-    """The CPU's model name and its bf16 instruction sets (Linux), else the machine type."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")), "")
-    flags = next((set(x.split(":", 1)[1].split()) for x in info.splitlines() if x.startswith("flags")), set())
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name or platform.machine()}, {os.cpu_count()} cores, bf16 instructions: {', '.join(bf16) or 'none'}"
-
-
 def loss_drift(reference: list[float], other: list[float]) -> dict:
     """Two loss curves of the same batches compared step by step."""
     diff = [abs(a - b) for a, b in zip(reference, other, strict=True)]
@@ -317,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                   "warmup": args.warmup, "repeats": args.repeats, "boxes": args.boxes,
                   "feature_dim": args.feature_dim, "device": str(device), "amp": args.amp,
                   "workers": args.workers, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "cpu": cpu_name(), "gpu": gpu,
+                  "cpu": cpu_description(), "gpu": gpu,
                   "model_gflops_per_example": flops / 1e9},
         "results": results,
     }
@@ -341,7 +329,7 @@ def report_amp(args: argparse.Namespace, result: dict) -> int:
         "setup": {"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
                   "repeats": args.repeats, "drift_steps": args.drift_steps, "boxes": args.boxes,
                   "feature_dim": args.feature_dim, "device": str(device), "amp": args.amp, "workers": args.workers,
-                  "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu_name(),
+                  "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu_description(),
                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "results": result,
     }
