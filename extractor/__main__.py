@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images per detector call")
     p.add_argument("--workers", type=int, default=None, help="image decoding workers (default: a few)")
     p.add_argument("--dtype", choices=FEATURE_DTYPES, default="float16", help="stored feature dtype")
-    p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
-                   help="autocast: bf16 or fp16 on CUDA, bf16 on CPUs with bf16 instructions (AVX-512 BF16, AMX); "
-                        "the RPN and the predictors stay float32")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16"), default=None,
+                   help="autocast: bf16 or fp16 on CUDA, bf16 on CPUs with bf16 instructions (AVX-512 BF16, AMX), "
+                        "auto: bf16 where the device has it, else float32; the RPN and the predictors stay float32")
     p.add_argument("--resize", choices=RESIZE_MODES, default=None,
                    help="input rule: caffe (bottom-up-attention's generate_tsv.py, the released features) or "
                         "detectron2 (py-bottom-up-attention's); default: the config's (caffe for VG-R101-C4 / "

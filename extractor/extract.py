@@ -41,6 +41,7 @@ from extractor.detector.model import (
 from extractor.detector.selection import STRATEGIES, best_labels, select_caffe, select_maxnms
 from extractor.detector.weights import load_detectron2_weights
 from extractor.images import DEFAULT_MAX_PIXELS, ImageReadError, image_id, list_images, load_image
+from extractor.precision import AUTO, cpu_has_bf16, resolve_amp
 from extractor.progress import ProgressFn, ProgressReporter
 from extractor.reuse import Reuse, content_hash, content_hashes, extraction_key, write_sidecar
 from extractor.store import FeatureStoreError, FeatureWriter, ImageFeatures, remove_stale_parts
@@ -223,23 +224,10 @@ class _WriterThread(threading.Thread):
         self.join()
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX, per torch's cpuinfo; on Linux also the
-    kernel's flags, which name ARM's bf16 too): elsewhere bf16 is emulated, slower than float32."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if any(check is not None and check() for check in checks):
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            words = set(f.read().split())
-    except OSError:
-        return False
-    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def _resolve_device(device: str | torch.device, amp: str | None) -> tuple[torch.device, Any]:
+def _resolve_device(device: str | torch.device, amp: str | None) -> tuple[torch.device, str | None]:
     """The device (cuda:N made the current CUDA device, so pinned memory and kernels go to it) and the
-    autocast context for amp: bf16 / fp16 on CUDA, bf16 on CPUs with bf16 instructions."""
+    autocast mode that runs: bf16 / fp16 on CUDA, bf16 on CPUs with bf16 instructions; "auto" resolved
+    (extractor.precision), None for float32."""
     try:
         dev = torch.device(device)
     except RuntimeError as e:
@@ -252,10 +240,12 @@ def _resolve_device(device: str | torch.device, amp: str | None) -> tuple[torch.
                 raise ExtractionError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) "
                                       "are visible (CUDA_VISIBLE_DEVICES renumbers them from 0)")
             torch.cuda.set_device(dev)
+    if amp == AUTO:
+        amp = None if resolve_amp(amp, dev) == "none" else "bf16"
     if amp is None:
-        return dev, contextlib.nullcontext
+        return dev, None
     if amp not in AMP_DTYPES:
-        raise ExtractionError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+        raise ExtractionError(f"amp must be None, 'auto', 'bf16' or 'fp16', got {amp!r}")
     if dev.type == "cpu" and amp == "fp16":
         raise ExtractionError("amp='fp16' needs device='cuda'; on a CPU with bf16 instructions use amp='bf16'")
     if dev.type == "cpu" and not cpu_has_bf16():
@@ -263,7 +253,7 @@ def _resolve_device(device: str | torch.device, amp: str | None) -> tuple[torch.
                               "CPU lacks: leave amp unset (float32)")
     if dev.type not in ("cuda", "cpu"):
         raise ExtractionError(f"amp={amp!r} needs device='cuda' or 'cpu' (got {device!r})")
-    return dev, lambda: torch.autocast(dev.type, dtype=AMP_DTYPES[amp])
+    return dev, amp
 
 
 @contextlib.contextmanager
@@ -318,7 +308,8 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
     Raises ExtractionError when more than max_failure_ratio of the images cannot be read. Images over
     max_pixels are listed as failures ("too large"), see extractor.images.DEFAULT_MAX_PIXELS.
     resize: "caffe" or "detectron2" overrides the config's input rule (None: the config's). amp: "bf16" or
-    "fp16" autocast on CUDA, "bf16" on CPUs with bf16 instructions. tf32: let CUDA run float32 convolutions
+    "fp16" autocast on CUDA, "bf16" on CPUs with bf16 instructions, "auto" bf16 where the device has it
+    (the file's `amp` attribute records what ran). tf32: let CUDA run float32 convolutions
     and matmuls in TF32 (off by default). region_chunk: regions res5 runs on at once (memory, not features).
     `on_progress` gets the images done (stored before, reused, extracted or failed) and the pace every few seconds.
     """
@@ -337,7 +328,8 @@ def extract_features(images: str | os.PathLike | Sequence[str | os.PathLike], we
         raise ExtractionError(f"region_chunk must be a positive integer, got {region_chunk!r}")
     if resize is not None and resize not in RESIZE_MODES:
         raise ExtractionError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    dev, autocast = _resolve_device(device, amp)
+    dev, amp = _resolve_device(device, amp)
+    autocast = contextlib.nullcontext if amp is None else (lambda: torch.autocast(dev.type, dtype=AMP_DTYPES[amp]))
     cfg = DetectorConfig.load(config)
     if resize is not None:
         cfg = cfg.replace(resize=resize)

@@ -50,9 +50,10 @@ class ExtractionParams:
     resize = luigi.ChoiceParameter(choices=["", "caffe", "detectron2"], default="",
                                    description="input rule; empty: the detector config's (caffe for the released "
                                                "VG configs, detectron2 for detectors trained here)")
-    amp = luigi.ChoiceParameter(choices=["none", "bf16", "fp16"], default="none",
-                                description="autocast: bf16 / fp16 on CUDA, bf16 on CPUs with bf16 instructions "
-                                            "(it changes the features, so it names the output)")
+    amp = luigi.ChoiceParameter(choices=["none", "auto", "bf16", "fp16"], default="none",
+                                description="autocast: bf16 / fp16 on CUDA, bf16 on CPUs with bf16 instructions, "
+                                            "auto: bf16 where the device has it, else float32 (it changes the "
+                                            "features, so it names the output; the file records what ran)")
     tf32 = luigi.BoolParameter(default=False, description="TF32 float32 convolutions and matmuls on CUDA")
     device = luigi.Parameter(default="cpu", significant=False)
     batch_size = luigi.IntParameter(default=1, significant=False)

@@ -274,7 +274,7 @@ class _Job:
                        best_metric=best_metric, extra={"model_config": self.model.config.to_dict()}, env=self.env,
                        on_progress=on_progress)
         metrics.update(train_loss=result.last_losses.get("loss"), steps=result.step, evals=result.evals,
-                       best=result.best)
+                       best=result.best, amp=result.amp)
         chosen = out / ("best" if result.best is not None else "final")
         load_into(self.model, state_dict_of(chosen), chosen)
         metrics["model"] = str(chosen)

@@ -517,7 +517,7 @@ def run(cfg: PretrainConfig, env: DistEnv | None = None, on_progress: ProgressFn
                    loss_names=OBJECTIVES, eval_fn=eval_fn,
                    best_metric=("valid_loss", "min") if eval_fn else None,
                    extra={"model_config": model.config.to_dict()}, env=env, on_progress=on_progress)
-    metrics = {"step": result.step, "epoch": result.epoch, "train": result.last_losses,
+    metrics = {"step": result.step, "epoch": result.epoch, "amp": result.amp, "train": result.last_losses,
                "evals": result.evals, "best": result.best,
                "corpus": {"images": corpus.stats.images, "examples": corpus.stats.examples,
                           "labelled": corpus.stats.labelled,

@@ -310,6 +310,45 @@ def test_bf16_extraction_on_the_cpu(tmp_path):
     assert runs["bf16"]["stored"] == 2
 
 
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_auto_amp_extracts_in_bf16_only_where_the_cpu_has_it_and_records_what_ran(tmp_path, monkeypatch, has_bf16):
+    """amp="auto" is float32 on a CPU without bf16 instructions (bit-identical to no amp) and bf16 where it has
+    them; the file and the summary name the mode that ran, never "auto"."""
+    if has_bf16 and not extract_module.cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions")
+    from extractor import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(data.astronaut()).save(images / "astronaut.png")
+    save_detectron2_weights(_tiny(), tmp_path / "w.pkl")
+    runs = {amp: extract_features(images, tmp_path / "w.pkl", tmp_path / f"{amp}.h5", config="tiny", boxes=10,
+                                  amp=amp, num_workers=0, progress=False) for amp in (None, "auto")}
+    ran = "bf16" if has_bf16 else "none"
+    assert FeatureReader(tmp_path / "auto.h5").attrs["amp"] == ran
+    assert runs["auto"]["amp"] == (ran if has_bf16 else None)
+    same = np.array_equal(FeatureReader(tmp_path / "auto.h5").get("astronaut").features,
+                          FeatureReader(tmp_path / "None.h5").get("astronaut").features)
+    assert same != has_bf16  # float32 when it falls back; bf16 changes the features
+
+
+def test_resolve_amp_follows_the_device(monkeypatch):
+    from extractor import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [precision.resolve_amp(a, cpu) for a in ("none", "bf16", "fp16", "auto")] == ["none", "bf16", "fp16",
+                                                                                          "none"]
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.resolve_amp("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported, expected in ((True, "bf16"), (False, "none")):  # an older GPU: float32, not fp16's loss scaling
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, supported=supported, **k: supported)
+        assert precision.resolve_amp("auto", cuda) == expected
+    assert precision.resolve_amp("auto", torch.device("meta")) == "none"
+
+
 # ---------------------------------------------------------------- res5 chunks, cuda:N, TF32
 
 def test_region_chunks_give_identical_features():

@@ -104,13 +104,14 @@ def test_tasks_given_no_input_path_keep_their_folders():
     data seam another: valid_ids, NLVR2's train_ / valid_statements, the vocabulary kept by the data tasks; issue 17's
     report a third: its examples and seed replace images, so only Report and RunAll rerun; issue 18's extraction
     settings resize, amp and tf32 a fourth: ExtractFeatures and everything downstream; issue 16's pointing accuracy a
-    fifth: Report depends on MeasurePointing, so only Report and RunAll rerun)."""
+    fifth: Report depends on MeasurePointing, so only Report and RunAll rerun; the demo profile's amp = auto and
+    11 pretraining epochs a sixth: ExtractFeatures and everything downstream)."""
     assert {t.get_task_family(): t.signature() for t in (
         pt.GenerateDemoWorld(), pt.TrainDetector(), pt.ExtractFeatures(), pt.BuildNLVR2Data(),
         pt.PretrainLXMERT(), pt.FinetuneNLVR2(), pt.RunAll())} == {
-        "GenerateDemoWorld": "3a216fae7429", "TrainDetector": "eab72b5b98df", "ExtractFeatures": "29668a7e5633",
-        "BuildNLVR2Data": "406a502f24d1", "PretrainLXMERT": "ab8eee27c1a6", "FinetuneNLVR2": "fcd5d98a0fab",
-        "RunAll": "9e0ada25acf8"}
+        "GenerateDemoWorld": "3a216fae7429", "TrainDetector": "eab72b5b98df", "ExtractFeatures": "ee663c45b184",
+        "BuildNLVR2Data": "406a502f24d1", "PretrainLXMERT": "5700162c480c", "FinetuneNLVR2": "94274d792c05",
+        "RunAll": "fa2832061b16"}
 
 
 class CopyInput(PipelineTask):

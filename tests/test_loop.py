@@ -196,3 +196,30 @@ def test_configs_round_trip_through_json_and_flags(tmp_path):
     path.write_text(json.dumps({"train": {"learning_rate": 1}}))
     with pytest.raises(ValueError, match=r"cfg.json.train: unknown field\(s\) \['learning_rate'\]"):
         parse_config(PretrainConfig, ["--config", str(path)])
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_auto_amp_trains_in_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, has_bf16):
+    """amp="auto": bf16 autocast on a CPU with bf16 instructions, float32 elsewhere (bit-identical to amp="none");
+    the result names the mode that ran."""
+    from extractor import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    seen = []
+
+    def watching(model, batch, ctx):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return step(model, batch, ctx)
+
+    def fit(folder, amp):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        result = train(model, Toy(), config(folder, amp=amp, epochs=1), collate_fn=collate, step_fn=watching,
+                       loss_names=["abs"])
+        return model, result
+
+    auto_model, auto = fit(tmp_path / "auto", "auto")
+    assert auto.amp == ("bf16" if has_bf16 else "none") and set(seen) == {has_bf16}
+    plain_model, plain = fit(tmp_path / "plain", "none")
+    assert plain.amp == "none"
+    assert torch.equal(auto_model.weight, plain_model.weight) != has_bf16

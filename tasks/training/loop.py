@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from extractor.fileio import atomic_write, writing
+from extractor.precision import resolve_amp
 from extractor.progress import ProgressFn, ProgressReporter
 from tasks.training.checkpoints import (
     CHECKPOINT_FORMAT,
@@ -47,7 +48,7 @@ from tasks.training.distributed import DistEnv, all_finite, barrier, gather_obje
 from tasks.training.logs import LossWindow, RunLogs
 from tasks.training.optim import OPTIMIZERS, build_optimizer, warmup_linear_schedule
 
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("none", "auto", "bf16", "fp16")
 FP16_DEVICES = ("cuda",)  # where amp=fp16 may train: fp16 needs loss scaling, and torch's GradScaler targets CUDA
 # settings a resumed run may change without a warning (they do not alter what is computed)
 _RESUMABLE_CHANGES = {"num_workers", "log_every", "ckpt_every", "keep_last", "resume", "progress",
@@ -73,7 +74,7 @@ class TrainConfig:
     adam_eps: float = 1e-6
     param_clip: float = 1.0            # bertadam only: per-tensor gradient norm clip inside the step; 0 = off
     clip_grad_norm: float = 1.0        # global gradient norm clip; 0 = off
-    amp: str = "none"                  # none | bf16 | fp16 (fp16 uses a GradScaler; CUDA only)
+    amp: str = "none"                  # none | auto (bf16 where the device has it) | bf16 | fp16 (CUDA, GradScaler)
     device: str = "auto"               # auto | cpu | cuda
     seed: int = 9595
     num_workers: int = 2
@@ -127,6 +128,7 @@ class TrainResult:
     evals: list[dict[str, float]]
     best: dict[str, float] | None
     output_dir: Path
+    amp: str = "none"  # the autocast mode that ran (`auto` resolved for the device)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -220,8 +222,8 @@ class _Objective(nn.Module):
 
 
 def autocast(amp: str, device: torch.device) -> torch.autocast:
-    """The autocast context of an AMP mode (`none` gives a disabled one)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    """The autocast context of an AMP mode (`none` gives a disabled one; `auto` is resolved for the device)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_amp(amp, device))
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -357,7 +359,7 @@ class _Run:
             if self.logs is not None:
                 self.logs.close(self.names if cfg.plots else None)
         return TrainResult(step=p.step, epoch=p.epoch, last_losses=p.last_losses, evals=p.evals, best=p.best,
-                           output_dir=self.out)
+                           output_dir=self.out, amp=resolve_amp(cfg.amp, env.device))
 
     def resume(self) -> bool:
         """Continue from the newest good checkpoint (when `resume` is on); seeds every generator."""
