@@ -325,3 +325,52 @@ def test_round_trip_property(tmp_path_factory, specs, flush):
     for rec in recs:
         assert_same(r.get(rec.img_id), rec)
     assert validate(out) == []
+
+
+def test_preloaded_reader_serves_the_same_records_from_memory(tmp_path):
+    """preload() reads the file once; every row, with and without box normalisation, equals the file's
+    record, records are copies, and a forked DataLoader worker reads from memory (the file is gone)."""
+    import torch
+
+    recs = [make_record(i) for i in range(7)] + [make_record(7, n=0)]
+    write(tmp_path / "f.h5", recs)
+    disk, mem = FeatureReader(tmp_path / "f.h5"), FeatureReader(tmp_path / "f.h5")
+    mem.preload()
+    assert mem.preloaded and not disk.preloaded and mem.nbytes() >= sum(r.features.nbytes for r in recs)
+    for i in range(len(recs)):
+        for normalize in (False, True):
+            a, b = disk.get(i, normalize_boxes=normalize), mem.get(i, normalize_boxes=normalize)
+            assert_same(a, b)
+            assert all(getattr(a, k).dtype == getattr(b, k).dtype for k in ("boxes", "features", "objects_id"))
+    mem.get(1).features[:] = 99  # a caller's change stays in its record
+    assert_same(mem.get(1), disk.get(1))
+    assert (mem.ids, mem.feature_dim, mem.max_boxes, len(mem)) == (disk.ids, disk.feature_dim, disk.max_boxes,
+                                                                  len(disk))
+    (tmp_path / "f.h5").rename(tmp_path / "gone.h5")
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(recs)
+
+        def __getitem__(self, i):
+            return float(mem.get(i).features.sum())
+
+    loader = torch.utils.data.DataLoader(Rows(), batch_size=None, num_workers=1,
+                                         multiprocessing_context="fork")
+    assert list(loader) == [float(r.features.sum()) for r in recs]
+    clone = pickle.loads(pickle.dumps(mem))  # pickling (a spawned worker) drops the memory: it reads the file
+    assert not clone.preloaded
+    with pytest.raises(FeatureStoreError, match="not a readable HDF5 feature file"):
+        clone.get(0)
+
+
+def test_open_stores_preloads_small_files_within_the_budget(tmp_path):
+    from tasks.data.features import open_stores
+
+    for name in ("a", "b"):
+        write(tmp_path / f"{name}.h5", [make_record(i) for i in range(3)])
+    paths = [str(tmp_path / "a.h5"), str(tmp_path / "b.h5")]
+    size = FeatureReader(paths[0]).nbytes()
+    assert [s.preloaded for s in open_stores(paths)] == [True, True]
+    assert [s.preloaded for s in open_stores(paths, preload_bytes=size)] == [True, False]
+    assert [s.preloaded for s in open_stores(paths, preload_bytes=0)] == [False, False]

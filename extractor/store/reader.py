@@ -19,6 +19,7 @@ from extractor.store.schema import (
     MAX_BOXES,
     MAX_FEATURE_DIM,
     MAX_IMAGE_BYTES,
+    PER_BOX,
     REQUIRED_ATTRS,
     SCHEMA_VERSION,
     FeatureStoreError,
@@ -263,12 +264,16 @@ class FeatureReader:
 
     The constructor only checks that the file exists; the HDF5 handle opens on first use, once per
     process (a DataLoader worker, forked or spawned, opens its own), and pickling drops it.
+    `preload()` reads a small file into memory once: later reads never touch HDF5 (per-row HDF5
+    reads cost more CPU than the demo network's step), forked workers share the arrays, and pickling
+    drops them (a spawned worker reads the file).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"feature file {self.path} does not exist")
+        self._mem: dict[str, np.ndarray] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -283,6 +288,7 @@ class FeatureReader:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
+        self._mem = None
         self._reset()
 
     def _h5(self) -> h5py.File:
@@ -306,7 +312,31 @@ class FeatureReader:
             self._file.close()
         self._reset()
 
+    def nbytes(self) -> int:
+        """Bytes the per-image arrays take in memory (what `preload` would hold)."""
+        self._h5()
+        return sum(int(np.prod(self._ds[name].shape)) * self._ds[name].dtype.itemsize for name in FIELDS
+                   if name != "img_id") + 64 * len(self)
+
+    def preload(self) -> None:
+        """Read every per-image array into memory (once); `get` then serves rows from it, the same values."""
+        if self._mem is not None:
+            return
+        self._h5()
+        try:
+            mem = {name: self._ds[name][()] for name in FIELDS if name != "img_id"}
+        except OSError as e:
+            raise FeatureStoreError(f"{self.path}: cannot read the file into memory ({e})") from e
+        mem["img_id"] = np.array(self.ids, dtype=object)
+        self._mem = mem
+
+    @property
+    def preloaded(self) -> bool:
+        return self._mem is not None
+
     def __len__(self) -> int:
+        if self._mem is not None:
+            return len(self._mem["img_id"])
         self._h5()
         return int(self._ds["img_id"].shape[0])
 
@@ -314,7 +344,7 @@ class FeatureReader:
     def ids(self) -> list[str]:
         """All image ids in row order (read once, on first use)."""
         if self._ids is None:
-            self._ids = read_ids(self._h5())
+            self._ids = [str(i) for i in self._mem["img_id"]] if self._mem is not None else read_ids(self._h5())
         return self._ids
 
     def index(self, img_id: str) -> int:
@@ -337,11 +367,15 @@ class FeatureReader:
 
     @property
     def max_boxes(self) -> int:
+        if self._mem is not None:
+            return int(self._mem["boxes"].shape[1])
         self._h5()
         return int(self._ds["boxes"].shape[1])
 
     @property
     def feature_dim(self) -> int:
+        if self._mem is not None:
+            return int(self._mem["features"].shape[2])
         self._h5()
         return int(self._ds["features"].shape[2])
 
@@ -367,17 +401,21 @@ class FeatureReader:
                 raise IndexError(f"row {key} out of range for {self.path} ({n_rows} images)")
         else:
             raise TypeError(f"get() takes an img_id string or a row number, got {type(key).__name__}")
-        ds = self._ds
+        mem = self._mem
         try:
-            n = int(ds["num_boxes"][i])
+            n = int((mem or self._ds)["num_boxes"][i])
             if not 0 <= n <= self.max_boxes:
                 raise FeatureStoreError(
                     f"{self.path}: row {i} has num_boxes={n} outside [0, {self.max_boxes}]")
-            rec = ImageFeatures(
-                img_id=ds["img_id"].asstr()[i], img_h=int(ds["img_h"][i]), img_w=int(ds["img_w"][i]),
-                boxes=ds["boxes"][i, :n], features=ds["features"][i, :n],
-                objects_id=ds["objects_id"][i, :n], objects_conf=ds["objects_conf"][i, :n],
-                attrs_id=ds["attrs_id"][i, :n], attrs_conf=ds["attrs_conf"][i, :n])
+            if mem is not None:  # copies, as HDF5 reads are: a caller may change its record
+                rec = ImageFeatures(
+                    img_id=str(mem["img_id"][i]), img_h=int(mem["img_h"][i]), img_w=int(mem["img_w"][i]),
+                    **{name: mem[name][i, :n].copy() for name in PER_BOX})
+            else:
+                ds = self._ds
+                rec = ImageFeatures(
+                    img_id=ds["img_id"].asstr()[i], img_h=int(ds["img_h"][i]), img_w=int(ds["img_w"][i]),
+                    **{name: ds[name][i, :n] for name in PER_BOX})
         except OSError as e:
             raise FeatureStoreError(f"{self.path}: cannot read row {i} ({e})") from e
         if normalize_boxes:

@@ -5,12 +5,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from extractor.store import FeatureReader, ImageFeatures
+from extractor.store.schema import PER_BOX
 
-_PER_BOX = ("boxes", "features", "objects_id", "objects_conf", "attrs_id", "attrs_conf")
+# Feature files are read into memory (once per process, shared by forked DataLoader workers) while
+# their per-image arrays total at most this many bytes: the demo's 10 MB file reads each record from
+# memory instead of HDF5, and pretraining steps run about 1.3x faster on two cores (docs/training.md);
+# a full-size file (tens of GB) stays on disk, read per record.
+PRELOAD_BYTES = 1 << 30
 
 
-def open_stores(paths: Sequence[str]) -> list[FeatureReader]:
-    """Readers over the feature files (lazy, safe to send to workers); one feature dimension for all."""
+def open_stores(paths: Sequence[str], preload_bytes: int = PRELOAD_BYTES) -> list[FeatureReader]:
+    """Readers over the feature files (safe to send to workers); one feature dimension for all. Files
+    are preloaded into memory, in order, while their total stays within `preload_bytes`."""
     if not paths:
         raise ValueError("features: at least one HDF5 feature file is required")
     for p in paths:
@@ -20,6 +26,13 @@ def open_stores(paths: Sequence[str]) -> list[FeatureReader]:
     dims = {s.feature_dim for s in stores}
     if len(dims) > 1:
         raise ValueError(f"features: files disagree on the feature dimension {sorted(dims)}")
+    budget = preload_bytes
+    for store in stores:
+        size = store.nbytes()
+        if size > budget:
+            break
+        store.preload()
+        budget -= size
     return stores
 
 
@@ -39,6 +52,6 @@ def read_image(stores: Sequence[FeatureReader], store: int, row: int, max_boxes:
     """One image with boxes normalised to [0, 1], keeping at most `max_boxes` boxes (0: all)."""
     rec = stores[store].get(int(row), normalize_boxes=True)
     if max_boxes and rec.num_boxes > max_boxes:
-        for name in _PER_BOX:
+        for name in PER_BOX:
             setattr(rec, name, getattr(rec, name)[:max_boxes])
     return rec
