@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import torch
 
 from extractor.detector.config import ConfigError as DetectorConfigError
 from extractor.detector.config import DetectorConfig
@@ -31,6 +32,7 @@ from extractor.extract import ExtractionError, extract_features
 from extractor.fileio import WriteError, atomic_write, file_sha256
 from extractor.images import ImageReadError, load_image
 from extractor.jsonstream import DataFormatError
+from extractor.precision import resolve_amp
 from extractor.store import FeatureReader, FeatureStoreError, ImageFeatures
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
@@ -74,7 +76,7 @@ class Extraction:
         given = DetectorConfig.load(chosen or "VG-R101-C4")
         if not ft.features or not all(f.get("weights_sha256") for f in ft.features):
             # a released model, or one trained on imported features: the detector as given, LXMERT's 36 boxes
-            self.config, self.recorded = given, None
+            self.config, self.recorded, self.amp = given, None, "none"
             self.kwargs = {"boxes": boxes or RELEASED_BOXES, "selection": "caffe", "dtype": "float32"}
             print(f"note: {ft.weights} records no detector; extracting with {self.weights} ({given.name}), "
                   f"{self.kwargs['boxes']} boxes", file=sys.stderr)
@@ -97,15 +99,17 @@ class Extraction:
             print(f"note: {chosen} differs from the config the model's features were "
                   f"extracted with; using the recorded one", file=sys.stderr)
         self.config, self.recorded = DetectorConfig.from_dict(cfg), recorded
+        self.amp = str(recorded.get("amp") or "none")
         lo, hi = recorded["min_boxes"], recorded["max_boxes"]
         self.kwargs = {"selection": recorded["box_strategy"], "dtype": recorded["feature_dtype"],
                        **({"boxes": hi} if lo == hi else {"min_boxes": lo, "max_boxes": hi})}
 
     def features(self, image: Path, work: Path, device: str) -> ImageFeatures:
-        """The image's features, extracted as the model's training images were (checked attribute by attribute)."""
+        """The image's features, extracted as the model's training images were (checked attribute by attribute),
+        in the precision they were extracted in where `device` runs it natively, else in float32."""
         out = work / f"{len(list(work.glob('*.h5')))}.h5"
         extract_features([image], self.weights, out, config=self.config, device=device, num_workers=0,
-                         max_failure_ratio=0.0, progress=False, **self.kwargs)
+                         max_failure_ratio=0.0, progress=False, amp=self.precision(device), **self.kwargs)
         with FeatureReader(out) as reader:
             record, attrs = reader.get(0), reader.attrs
         if self.recorded is not None:
@@ -117,6 +121,18 @@ class Extraction:
                     raise InferenceError(f"--image: {image}: its features would differ from the model's training "
                                          f"features in '{key}' ({mine!r} here, {theirs!r} in training)")
         return record
+
+    def precision(self, device: str) -> str | None:
+        """The autocast mode to extract in: the training features' own where the device has it natively."""
+        amp = self.amp
+        if amp == "none":
+            return None
+        dev = torch.device(device)
+        if (amp == "bf16" and resolve_amp("auto", dev) == "bf16") or (amp == "fp16" and dev.type == "cuda"):
+            return amp
+        print(f"note: the model's features were extracted in {amp}, which {device} does not run natively; "
+              "extracting in float32 (the features differ in the last digits)", file=sys.stderr)
+        return None
 
     def names(self, record: ImageFeatures) -> list[str]:
         """What the detector calls each box."""

@@ -218,3 +218,18 @@ def test_a_run_from_before_inference_json_is_read_from_its_config(run, capsys, t
                                                           ["answers"])}))
     code, out, err = ask(capsys, *args, "--task", "vqa", "--answers", table, "--boxes", "8")
     assert code == 0 and err.startswith("note: ") and len(out.splitlines()) == 7
+
+
+@pytest.mark.parametrize("recorded, has_bf16, device, expected", [
+    ("none", True, "cpu", None), ("bf16", True, "cpu", "bf16"), ("bf16", False, "cpu", None),
+    ("fp16", True, "cpu", None)])
+def test_new_images_are_extracted_in_the_training_features_precision_where_the_device_has_it(
+        monkeypatch, capsys, recorded, has_bf16, device, expected):
+    from extractor import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    extraction = Extraction.__new__(Extraction)
+    extraction.amp = recorded
+    assert extraction.precision(device) == expected
+    note = capsys.readouterr().err
+    assert ("extracting in float32" in note) == (recorded != "none" and expected is None)
