@@ -46,7 +46,8 @@ def test_parameters_read_back_as_the_config_fields(tmp_path):
                                                                        "max_seq_length": 20}
     train = task.train_config(tmp_path)
     assert train == replace(GQA.recipe(), lr=0.5, epochs=3, device="cpu", batch_size=task.batch_size,
-                            optimizer=task.optimizer, num_workers=task.num_workers, output_dir=str(tmp_path),
+                            optimizer=task.optimizer, num_workers=task.num_workers, amp=task.amp,
+                            output_dir=str(tmp_path),
                             resume=True, progress=False)
     assert config_values(FinetuneGQA(dropout=0.2), FinetuneConfig, ("dropout",)) == {"dropout": 0.2}
 

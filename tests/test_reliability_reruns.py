@@ -36,7 +36,7 @@ def photos(folder, numbers) -> None:
         cv2.imwrite(str(folder / f"COCO_val2014_{i:012d}.png"), cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
 
 
-SETTINGS = {"config": "tiny", "boxes": 5, "decode_workers": 0}
+SETTINGS = {"config": "tiny", "boxes": 5, "decode_workers": 0, "amp": "none"}  # explicit: not the demo profile's
 
 
 def extraction_args(images, weights, shards: int = 2) -> list[str]:
@@ -127,8 +127,8 @@ def test_a_run_waits_for_the_live_holder_of_an_output_then_builds_it(tmp_path, m
     weights = tiny_detector_weights(tmp_path / "tiny.pkl")
     photos(tmp_path / "images", range(2))
     monkeypatch.setenv("LXMERT_WORKDIR", str(tmp_path / "work"))
-    shard = ExtractFeaturesShard(images=str(tmp_path / "images"), weights=str(weights), config="tiny", boxes=5,
-                                 decode_workers=0, shard=0, shards=1)
+    shard = ExtractFeaturesShard(images=str(tmp_path / "images"), weights=str(weights), **SETTINGS, shard=0,
+                                 shards=1)
     lock = workdir() / ".locks" / f"ExtractFeaturesShard-{shard.output_dir().name}.lock"
     with exclusive(lock, "test"):
         run = subprocess.Popen(luigi_cmd(*extraction_args(tmp_path / "images", weights, shards=1)), cwd=REPO,
