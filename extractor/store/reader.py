@@ -332,6 +332,7 @@ class FeatureReader:
 
     @property
     def preloaded(self) -> bool:
+        """Whether reads come from memory (this process's `preload`) rather than from HDF5."""
         return self._mem is not None
 
     def __len__(self) -> int:
