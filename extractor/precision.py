@@ -6,14 +6,18 @@ slower than float32. The resolved mode is what runs and what files and logs reco
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 AUTO = "auto"
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX, per torch's cpuinfo; on Linux also the
-    kernel's flags, which name ARM's bf16 too): elsewhere bf16 is emulated, slower than float32."""
+    kernel's flags, which name ARM's bf16 too): elsewhere bf16 is emulated, slower than float32. Asked
+    once per process: `amp="auto"` resolves it at every training step."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(check is not None and check() for check in checks):
         return True

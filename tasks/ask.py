@@ -32,7 +32,7 @@ from extractor.extract import ExtractionError, extract_features
 from extractor.fileio import WriteError, atomic_write, file_sha256
 from extractor.images import ImageReadError, load_image
 from extractor.jsonstream import DataFormatError
-from extractor.precision import resolve_amp
+from extractor.precision import device_has_bf16
 from extractor.store import FeatureReader, FeatureStoreError, ImageFeatures
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
@@ -128,7 +128,7 @@ class Extraction:
         if amp == "none":
             return None
         dev = torch.device(device)
-        if (amp == "bf16" and resolve_amp("auto", dev) == "bf16") or (amp == "fp16" and dev.type == "cuda"):
+        if (amp == "bf16" and device_has_bf16(dev)) or (amp == "fp16" and dev.type == "cuda"):
             return amp
         print(f"note: the model's features were extracted in {amp}, which {device} does not run natively; "
               "extracting in float32 (the features differ in the last digits)", file=sys.stderr)

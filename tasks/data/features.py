@@ -9,7 +9,7 @@ from extractor.store.schema import PER_BOX
 
 # Feature files are read into memory (once per process, shared by forked DataLoader workers) while
 # their per-image arrays total at most this many bytes: the demo's 10 MB file reads each record from
-# memory instead of HDF5, and pretraining steps run about 1.3x faster on two cores (docs/training.md);
+# memory instead of HDF5, and its pretraining steps ran 1.15x faster on two cores (bench/preload_step.py);
 # a full-size file (tens of GB) stays on disk, read per record.
 PRELOAD_BYTES = 1 << 30
 
