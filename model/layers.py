@@ -49,9 +49,11 @@ _FAST_CPU_DROPOUT = True
 
 
 def set_fast_cpu_dropout(enabled: bool) -> bool:
-    """Switch the CPU speed path of every dropout (16-bit keep-masks, below) on or off; returns the
-    previous setting. On, the default, a small model's CPU training step is 10-20% faster; off, dropout
-    and attention use torch's native kernels on CPU too, which draw other masks from the same seed."""
+    """Switch the CPU speed path on or off: 16-bit dropout keep-masks (below) and, in training, attention
+    through an explicit softmax instead of SDPA (`Attention`); returns the previous setting. On, the
+    default, a small model's CPU training step is 10-20% faster with dropout, and 1.87x without it in
+    bf16; off, dropout and attention use torch's native kernels on CPU too, which draw other masks
+    from the same seed."""
     global _FAST_CPU_DROPOUT
     previous, _FAST_CPU_DROPOUT = _FAST_CPU_DROPOUT, bool(enabled)
     return previous
@@ -142,8 +144,19 @@ class VisualEmbeddings(nn.Module):
         return self.dropout((x + y) / 2)
 
 
+def explicit_attention(q: Tensor, p: float) -> bool:
+    """Whether attention on the CPU speed path takes an explicit softmax instead of SDPA: with dropout
+    (SDPA's CPU kernel draws its mask one generator call per element; `dropout`'s 16-bit mask instead),
+    and in bf16 where a backward follows (SDPA's CPU backward in bf16 makes a demo training step 1.87x
+    slower; in fp32 and without a backward the two are within 5%: bench/attention_path.py)."""
+    if not _fast_cpu_path(q):
+        return False
+    return p > 0 or (q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.requires_grad)
+
+
 class Attention(nn.Module):
-    """Multi-head attention of `x` over `context`, computed by scaled_dot_product_attention."""
+    """Multi-head attention of `x` over `context`: scaled_dot_product_attention, or on the CPU speed path
+    (`set_fast_cpu_dropout`) an explicit softmax where dropout is drawn or a bf16 backward follows."""
 
     def __init__(self, config: LxmertConfig):
         super().__init__()
@@ -169,9 +182,7 @@ class Attention(nn.Module):
             mask = compute_dtype_mask(mask, q.dtype)
         p = self.dropout_p if self.training else 0.0
         probs = None
-        if output_attentions or (p > 0 and _fast_cpu_path(q)):
-            # explicit softmax: the probabilities are wanted, or SDPA's CPU path would draw its dropout
-            # mask one generator call per element (the faster mask of `dropout` instead)
+        if output_attentions or explicit_attention(q, p):
             scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
             if mask is not None:
                 scores = scores + mask
