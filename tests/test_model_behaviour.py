@@ -245,3 +245,45 @@ def test_fast_cpu_dropout_switched_off_uses_the_native_kernels():
     assert torch.equal(ours[1], sdpa)
     torch.manual_seed(3)
     assert not torch.equal(layers.dropout(x, 0.1, True), native)  # back on: the 16-bit masks
+
+
+def test_attention_path_on_cpu_follows_dtype_and_backward(monkeypatch):
+    """Without dropout, a bf16 pass that will be backpropagated takes the explicit softmax (SDPA's CPU
+    backward in bf16 is 1.87x slower: bench/attention_path.py); fp32, no-grad and the speed path
+    switched off keep SDPA; both paths give the same values and gradients."""
+    import model.layers as layers
+
+    sdpa_calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
+    attention = layers.Attention(dataclasses.replace(CFG, attention_probs_dropout_prob=0.0)).train()
+    g = torch.Generator().manual_seed(5)
+    x, context = torch.randn(B, L, 32, generator=g), torch.randn(B, O, 32, generator=g)
+    mask = torch.zeros(B, 1, 1, O)
+    mask[0, ..., 3:] = torch.finfo(torch.float32).min  # the first image has 3 boxes
+
+    def run(dtype: torch.dtype, grad: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        sdpa_calls.clear()
+        attention.zero_grad()
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = attention(x, context, mask)
+        if grad:
+            y.float().square().sum().backward()
+        return y.float(), [p.grad.clone() for p in attention.parameters() if grad]
+
+    explicit_bf16, explicit_grads = run(torch.bfloat16)
+    assert not sdpa_calls
+    run(torch.float32)
+    assert sdpa_calls  # fp32: even, SDPA kept
+    run(torch.bfloat16, grad=False)
+    assert sdpa_calls  # nothing flows back: SDPA
+    assert layers.set_fast_cpu_dropout(False) is True
+    try:
+        sdpa_bf16, sdpa_grads = run(torch.bfloat16)
+        assert sdpa_calls  # switched off: torch's kernels
+    finally:
+        layers.set_fast_cpu_dropout(True)
+    torch.testing.assert_close(explicit_bf16, sdpa_bf16, atol=3e-2, rtol=3e-2)
+    for ours, theirs in zip(explicit_grads, sdpa_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=5e-2, rtol=5e-2)
