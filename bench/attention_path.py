@@ -12,27 +12,26 @@ explicit softmax's speed-up over SDPA.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import functools
 import json
-import statistics
-import time
 from collections.abc import Iterator
 
 import torch
-from demo_step import setting, step
+from demo_step import alternate, setting, step, timing_args
 from machine import cpu_description
 
 import model.layers as layers
 
 
 @contextlib.contextmanager
-def forced(explicit: bool) -> Iterator[None]:
-    """Every attention through the explicit softmax (True) or SDPA (False) for the block."""
+def forced(explicit: bool, bf16: bool) -> Iterator[None]:
+    """Every attention through the explicit softmax (True) or SDPA (False), under bf16 autocast or not."""
     saved = layers.explicit_attention
     layers.explicit_attention = lambda q, p: explicit
     try:
-        yield
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            yield
     finally:
         layers.explicit_attention = saved
 
@@ -46,35 +45,15 @@ def evaluate(net: torch.nn.Module, _: torch.optim.Optimizer, batch: dict) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    net, _, batch = setting(114, (7, 9))
-    config = net.config
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    torch.manual_seed(0)
-    net = type(net)(config).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
-    settings = {f"{dtype} {mode}, {path}": (dtype, run, path == "explicit")
+    args = timing_args(__doc__)
+    net, opt, batch = setting(114, (7, 9), dropout=0.0)
+    settings = {f"{dtype} {mode}, {path}": (functools.partial(forced, path == "explicit", dtype == "bf16"),
+                                             functools.partial(run, net, opt, batch))
                 for dtype in ("fp32", "bf16") for mode, run in (("train step", step), ("eval forward", evaluate))
                 for path in ("sdpa", "explicit")}
-    times: dict[str, list[float]] = {name: [] for name in settings}
-    for _ in range(args.repeats):
-        for name, (dtype, run, explicit) in settings.items():
-            with forced(explicit), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                run(net, opt, batch)  # warm
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    run(net, opt, batch)
-                times[name].append((time.perf_counter() - start) / args.steps * 1000)
-    rows = {}
-    for name, t in times.items():
-        base = statistics.median(times[name.replace("explicit", "sdpa")])
-        rows[name] = {"ms": round(statistics.median(t), 1), "speedup_over_sdpa": round(base / statistics.median(t), 2)}
+    ms = alternate(settings, args.steps, args.repeats)
+    rows = {name: {"ms": round(t, 1), "speedup_over_sdpa": round(ms[name.replace("explicit", "sdpa")] / t, 2)}
+            for name, t in ms.items()}
     print(json.dumps({"machine": cpu_description(), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "steps": args.steps, "repeats": args.repeats,
                       "results": rows}, indent=1))

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +58,13 @@ def native_dropout() -> Iterator[None]:
         layers.dropout, layers.Attention.forward = saved
 
 
-def setting(vocab: int, labels: tuple[int, int]) -> tuple[LxmertForPreTraining, torch.optim.Optimizer, dict]:
+def setting(vocab: int, labels: tuple[int, int],
+            dropout: float | None = None) -> tuple[LxmertForPreTraining, torch.optim.Optimizer, dict]:
+    """The demo network (every dropout rate set to `dropout`, None: the preset's), its optimiser and a batch."""
     torch.manual_seed(0)
     config = model_config_from("demo")
+    if dropout is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
     config.vocab_size, (config.num_object_labels, config.num_attr_labels) = vocab, labels
     config.visual_feat_dim, config.num_qa_labels = D, ANSWERS
     net = LxmertForPreTraining(config).train()
@@ -93,14 +98,36 @@ def step(net: LxmertForPreTraining, opt: torch.optim.Optimizer, batch: dict) -> 
     opt.step()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def timing_args(doc: str) -> argparse.Namespace:
+    """`--steps`, `--repeats` and `--threads` of a timing script (torch's threads set from the last)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def alternate(settings: dict[str, tuple[Callable[[], contextlib.AbstractContextManager], Callable[[], None]]],
+              steps: int, repeats: int) -> dict[str, float]:
+    """Median ms per call of each setting's function, run inside its context: the settings alternate,
+    `repeats` rounds of one warm call and `steps` timed calls each."""
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(repeats):
+        for name, (context, run) in settings.items():
+            with context():
+                run()  # warm
+                start = time.perf_counter()
+                for _ in range(steps):
+                    run()
+                times[name].append((time.perf_counter() - start) / steps * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    args = timing_args(__doc__)
     settings = {
         "bert": (30522, (1600, 400), True),
         "+vocab": (114, (1600, 400), True),
@@ -108,19 +135,9 @@ def main() -> None:
         "+dropout": (114, (7, 9), False),
     }
     built = {name: setting(vocab, labels) for name, (vocab, labels, _) in settings.items()}
-    times: dict[str, list[float]] = {name: [] for name in settings}
-    for _ in range(args.repeats):
-        for name, (_, _, native) in settings.items():
-            net, opt, batch = built[name]
-            with native_dropout() if native else contextlib.nullcontext():
-                step(net, opt, batch)  # warm
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    step(net, opt, batch)
-                times[name].append((time.perf_counter() - start) / args.steps * 1000)
-    base = statistics.median(times["bert"])
-    rows = {name: {"ms_per_step": round(statistics.median(t), 1),
-                   "speedup": round(base / statistics.median(t), 2)} for name, t in times.items()}
+    ms = alternate({name: (native_dropout if native else contextlib.nullcontext, functools.partial(step, *built[name]))
+                    for name, (_, _, native) in settings.items()}, args.steps, args.repeats)
+    rows = {name: {"ms_per_step": round(t, 1), "speedup": round(ms["bert"] / t, 2)} for name, t in ms.items()}
     print(json.dumps({"machine": cpu_model(), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "batch": B, "steps": args.steps, "repeats": args.repeats,
                       "results": rows}, indent=1))
