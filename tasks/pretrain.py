@@ -46,7 +46,13 @@ from tasks.training.runconfig import parse_config
 from tasks.training.weights import export_with_vocab, fit_vocab, load_weights, network_config, read_init
 
 SOURCES = ("mscoco", "vg", "vqa", "gqa", "visual7w")
+# Sources whose sentences are captions (they carry no answers); the others are questions. The matching
+# accuracy is also reported per kind: a question of another image ("Is there a red circle?") can often
+# be asked of this image too, while a caption of another image is rarely true of it, so the two kinds
+# tell how much of the accuracy is grounding and how much the sentences allow.
+CAPTION_SOURCES = ("mscoco", "vg")
 OBJECTIVES = ("mlm", "matched", "obj", "attr", "feat", "qa")  # their switches, and the loss parts logged
+MATCHING_KINDS = ("captions", "questions")
 MISMATCH_RATE = 0.5  # share of sentences paired with another image while the matching objective is on
 
 
@@ -256,7 +262,7 @@ class PretrainDataset(Dataset):
                 "visual_pos": rec.boxes.astype(np.float32), "obj_ids": rec.objects_id.astype(np.int64),
                 "obj_conf": rec.objects_conf.astype(np.float32), "attr_ids": rec.attrs_id.astype(np.int64),
                 "attr_conf": rec.attrs_conf.astype(np.float32), "feat_target": rec.features,
-                "feat_mask": feat_mask, "matched": matched, "ans": ans, "index": i}
+                "feat_mask": feat_mask, "matched": matched, "ans": ans, "index": i, "shown": sent_i}
 
 
 def collate_pretrain(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -276,6 +282,7 @@ def collate_pretrain(examples: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {
         "ids": [e["id"] for e in examples],
         "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
+        "shown": torch.tensor([e["shown"] for e in examples], dtype=torch.long),
         "input_ids": ids,
         "attention_mask": pad([np.ones(len(e["input_ids"]), np.int64) for e in examples], n_words, torch.long),
         "token_type_ids": torch.zeros_like(ids),
@@ -428,16 +435,19 @@ def make_step(cfg: PretrainConfig) -> StepFn:
 def evaluate(model: nn.Module, dataset: PretrainDataset, indices: Sequence[int], cfg: PretrainConfig,
              env: DistEnv, batch_size: int, epoch: int) -> dict[str, float]:
     """Mean losses of the objectives trained at `epoch`, the matching accuracy (the matching head's
-    argmax against matched / mismatched, over every pair) and the QA score (soft score of the
-    predicted answer over matched labelled pairs) on held-out examples with fixed masks; every
-    rank takes a shard and the sums are reduced."""
+    argmax against matched / mismatched, over every pair, and over the pairs showing a caption or a
+    question: CAPTION_SOURCES) and the QA score (soft score of the predicted answer over matched
+    labelled pairs) on held-out examples with fixed masks; every rank takes a shard and the sums
+    are reduced."""
     model.eval()
     dataset.set_epoch(0)
     shard = [int(i) for i in indices[env.rank::env.world_size]]
     loader = DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
                         num_workers=cfg.train.num_workers, collate_fn=collate_pretrain,
                         generator=epoch_generator(cfg.train.seed, 0, env.rank))
-    names = ["loss", *OBJECTIVES, "matched_accuracy", "qa_score"]
+    names = ["loss", *OBJECTIVES, "matched_accuracy", *(f"matched_accuracy_{k}" for k in MATCHING_KINDS),
+             "qa_score"]
+    captions = [k for k, source in enumerate(dataset.corpus.sources) if source in CAPTION_SOURCES]
     sums = torch.zeros(len(names), dtype=torch.float64, device=env.device)
     counts = torch.zeros(len(names), dtype=torch.float64, device=env.device)
     qa_hits, qa_rows = 0.0, 0  # summed on the host: the rows and example indices come from the host batch
@@ -457,6 +467,12 @@ def evaluate(model: nn.Module, dataset: PretrainDataset, indices: Sequence[int],
             hits = out.cross_relationship_score.argmax(-1) == given["matched_label"]
             sums[names.index("matched_accuracy")] += hits.sum().double()
             counts[names.index("matched_accuracy")] += n
+            # the kind of the sentence shown (for a mismatched pair, the other image's sentence)
+            caption = torch.from_numpy(np.isin(dataset.corpus.ex_src[host["shown"].numpy()], captions))
+            for kind, rows in zip(MATCHING_KINDS, (caption, ~caption)):
+                rows = rows.to(hits.device)
+                sums[names.index(f"matched_accuracy_{kind}")] += (hits & rows).sum().double()
+                counts[names.index(f"matched_accuracy_{kind}")] += rows.sum().double()
         if given["ans"] is not None:
             # with targets the network scores only rows with an answer (matched, labelled pairs)
             rows = host["target_rows"]["qa"].tolist()

@@ -29,6 +29,7 @@ from extractor.jsonstream import write_json_atomic, write_text_atomic
 from extractor.store import ImageFeatures
 from tasks.benchmarks import BENCHMARKS, Benchmark
 from tasks.inference import FineTuned, answer
+from tasks.pretrain import MATCHING_KINDS
 
 INITS = {"pretrained": "pretrained + fine-tuned", "scratch": "from scratch"}
 CURVES = ("loss", "mlm", "matched", "obj", "attr", "feat", "qa")  # pretraining losses, the total first
@@ -225,6 +226,11 @@ def grounding_summary(pretrain_evals: Sequence[dict[str, Any]], pointing: Mappin
     matching = [round(100 * e["valid_matched_accuracy"], 2) for e in pretrain_evals if "valid_matched_accuracy" in e]
     if matching:
         out["matching"] = {"per_epoch": matching, "last_epoch": matching[-1], "chance": 50.0}
+        for kind in MATCHING_KINDS:  # per kind of sentence shown, where the evaluation had both
+            key = f"valid_matched_accuracy_{kind}"
+            per_kind = [round(100 * e[key], 2) for e in pretrain_evals if key in e]
+            if len(per_kind) == len(matching):
+                out["matching"][kind] = {"per_epoch": per_kind, "last_epoch": per_kind[-1]}
     if pointing:
         out["pointing"] = {init: pointing[init]["accuracy"] for init in INITS if init in pointing}
         out["pointing"]["chance"] = next(iter(pointing.values()))["chance"]
@@ -246,6 +252,9 @@ def grounding_section(grounding: Mapping[str, Any], pointing: Mapping[str, dict[
         fig = Figure(figsize=(6, 3.6), dpi=100, layout="constrained")
         ax = fig.subplots()
         ax.plot(epochs, matching["per_epoch"], "o-", label="held-out pairs")
+        for kind in MATCHING_KINDS:
+            if kind in matching:
+                ax.plot(epochs, matching[kind]["per_epoch"], ".--", linewidth=1, label=f"showing {kind}")
         ax.axhline(matching["chance"], color="gray", linestyle="--", label="chance")
         ax.set_xlabel("pretraining epoch")
         ax.set_ylabel("matching accuracy (%)")
@@ -257,9 +266,15 @@ def grounding_section(grounding: Mapping[str, Any], pointing: Mapping[str, dict[
         png = io.BytesIO()
         fig.savefig(png, format="png")
         atomic_write(out / path, png.getvalue())
+        kinds = [k for k in MATCHING_KINDS if k in matching]
+        split = ""
+        if kinds:
+            split = (" (" + ", ".join(f"{matching[k]['last_epoch']:.2f}% on pairs showing {k}" for k in kinds)
+                     + "; a question of another image, such as \"Is there a red circle?\", can often be asked "
+                       "of this image too, while a caption of another image is rarely true of it)")
         body.para("Image-sentence matching on held-out pairs (half with a sentence of another image): the accuracy "
                   f"of the matching head after each pretraining epoch; {matching['last_epoch']:.2f}% after the "
-                  f"last, chance {matching['chance']:.0f}%.")
+                  f"last{split}, chance {matching['chance']:.0f}%.")
         body.image(path, "matching accuracy per epoch", "Matching accuracy on held-out pairs after each epoch.")
     if pointing:
         inits = [i for i in INITS if i in pointing]

@@ -163,6 +163,14 @@ def test_matching_accuracy_is_the_share_of_pairs_the_head_gets_right(tmp_path: P
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     result = evaluate(_Matcher(wrong, list(indices)), dataset, indices, cfg, env, batch_size=4, epoch=0)
     assert result["valid_matched_accuracy"] == pytest.approx(1 - len(wrong) / len(indices))
+    # per kind of the sentence shown: for a mismatched pair that is the other image's sentence
+    shown = {i: corpus.sources[corpus.ex_src[dataset[i]["shown"]]] for i in indices}
+    assert any(shown[i] != corpus.sources[corpus.ex_src[i]] for i in indices)  # some pair shows the other kind
+    for kind, sources in (("captions", {"mscoco"}), ("questions", {"vqa"})):
+        rows = [i for i in indices if shown[i] in sources]
+        assert 0 < len(rows) < len(indices)
+        expected = 1 - len(wrong & set(rows)) / len(rows)
+        assert result[f"valid_matched_accuracy_{kind}"] == pytest.approx(expected)
     cfg.matched = False  # the objective off: no matching targets, no accuracy
     assert "valid_matched_accuracy" not in evaluate(_Matcher(wrong, list(indices)), dataset, indices, cfg, env,
                                                      batch_size=4, epoch=0)
@@ -181,6 +189,11 @@ def test_grounding_summary_keeps_every_epoch_and_both_inits() -> None:
              {"epoch": 1, "valid_loss": 2.0, "valid_matched_accuracy": 0.83456}]
     summary = grounding_summary(evals, POINTING)
     assert summary["matching"] == {"per_epoch": [51.25, 83.46], "last_epoch": 83.46, "chance": 50.0}
+    for e, (c, q) in zip(evals, ((0.52, 0.5), (0.9123, 0.7))):
+        e.update(valid_matched_accuracy_captions=c, valid_matched_accuracy_questions=q)
+    summary = grounding_summary(evals, POINTING)
+    assert summary["matching"]["captions"] == {"per_epoch": [52.0, 91.23], "last_epoch": 91.23}
+    assert summary["matching"]["questions"] == {"per_epoch": [50.0, 70.0], "last_epoch": 70.0}
     assert summary["pointing"] == {"pretrained": 61.5, "scratch": 22.5, "chance": 18.25}
     assert grounding_summary([{"epoch": 0, "valid_loss": 1.0}], {}) == {}  # matching off, no pointing: nothing
 
@@ -190,7 +203,11 @@ def test_grounding_section_draws_the_matching_curve_and_the_pointing_table(tmp_p
     section = grounding_section(grounding, POINTING, tmp_path)
     assert section.title == "Grounding"
     assert (tmp_path / "figures" / "matching.png").stat().st_size > 1000
-    assert "85.00% after the last" in section.markdown
+    assert "85.00% after the last, chance" in section.markdown
+    split = grounding_summary([{"valid_matched_accuracy": a, "valid_matched_accuracy_captions": a + 0.1,
+                                "valid_matched_accuracy_questions": a - 0.1} for a in (0.5, 0.85)], {})
+    assert "85.00% after the last (95.00% on pairs showing captions, 75.00% on pairs showing questions;" \
+        in grounding_section(split, {}, tmp_path).markdown
     assert "| pretrained + fine-tuned | 61.50 | 40.00 | 55.00 |" in section.markdown
     assert "| from scratch | 22.50 | 20.00 | 25.00 |" in section.markdown
     assert "| chance | 18.25 | - | - |" in section.markdown
