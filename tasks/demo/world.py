@@ -87,6 +87,10 @@ class WorldConfig:
 
 PRESETS: dict[str, WorldConfig] = {
     "demo": WorldConfig(),
+    # for the longer run (README): twice the pretraining images (fewer memorised) and four times the NLVR2
+    # training sets; validation sets of the demo's sizes (the COCO val and NLVR2 dev scenes are the demo's,
+    # the Visual Genome / GQA val scenes are drawn anew, as they come from the same pool as the train ones)
+    "large": WorldConfig(coco_train_images=600, vg_train_images=600, nlvr2_train_sets=400),
     "tiny": WorldConfig(coco_train_images=24, coco_val_images=12, vg_train_images=24, vg_val_images=12,
                         nlvr2_train_sets=6, nlvr2_dev_sets=4),
 }
