@@ -44,7 +44,7 @@ def pretrain_batch(n: int, config: LxmertConfig, words: int, boxes: int) -> dict
                          "attr_ids": rng.integers(0, config.num_attr_labels, boxes),
                          "attr_conf": rng.random(boxes).astype(np.float32), "feat_target": feats,
                          "feat_mask": (rng.random(boxes) < 0.15).astype(np.float32), "matched": i % 2,
-                         "ans": int(rng.integers(0, config.num_qa_labels)), "index": i})
+                         "ans": int(rng.integers(0, config.num_qa_labels)), "index": i, "shown": i})
     return collate_pretrain(examples)
 
 

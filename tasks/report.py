@@ -275,7 +275,8 @@ def grounding_section(grounding: Mapping[str, Any], pointing: Mapping[str, dict[
         body.para("Image-sentence matching on held-out pairs (half with a sentence of another image): the accuracy "
                   f"of the matching head after each pretraining epoch; {matching['last_epoch']:.2f}% after the "
                   f"last{split}, chance {matching['chance']:.0f}%.")
-        body.image(path, "matching accuracy per epoch", "Matching accuracy on held-out pairs after each epoch.")
+        body.image(path, "matching accuracy per epoch", "Matching accuracy on held-out pairs after each epoch"
+                   + (", overall and by the kind of sentence shown." if kinds else "."))
     if pointing:
         inits = [i for i in INITS if i in pointing]
         first = pointing[inits[0]]

@@ -32,7 +32,7 @@ def pretrain_example(i: int, seed: int = 0, boxes: int | None = None, answer: bo
             "attr_ids": rng.integers(0, TINY.num_attr_labels, n),
             "attr_conf": rng.random(n).astype(np.float32), "feat_target": feats.copy(),
             "feat_mask": (np.arange(n) % 2).astype(np.float32), "matched": int(rng.integers(0, 2)),
-            "ans": int(rng.integers(0, TINY.num_qa_labels)) if answer else -100, "index": i}
+            "ans": int(rng.integers(0, TINY.num_qa_labels)) if answer else -100, "index": i, "shown": i}
 
 
 class PretrainExamples(Dataset):
