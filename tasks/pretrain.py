@@ -27,7 +27,7 @@ from extractor.jsonstream import DataFormatError, iter_array, write_json_atomic
 from extractor.progress import ProgressFn, launched_progress
 from extractor.store import FeatureReader, ImageFeatures
 from model.modeling import target_rows
-from tasks.data.answers import AnswerTable, convert_label, default_pretrain_table
+from tasks.data.answers import PRETRAIN_QA_SOURCES, AnswerTable, convert_label, default_pretrain_table
 from tasks.data.batches import IGNORE, model_inputs, pad
 from tasks.data.features import locate_images, open_stores, read_image
 from tasks.data.tokenization import load_tokenizer, tokenizer_tokens, vocab_beside
@@ -46,11 +46,11 @@ from tasks.training.runconfig import parse_config
 from tasks.training.weights import export_with_vocab, fit_vocab, load_weights, network_config, read_init
 
 SOURCES = ("mscoco", "vg", "vqa", "gqa", "visual7w")
-# Sources whose sentences are captions (they carry no answers); the others are questions. The matching
+# Sources whose sentences are captions (every source but the QA ones); the others are questions. The matching
 # accuracy is also reported per kind: a question of another image ("Is there a red circle?") can often
 # be asked of this image too, while a caption of another image is rarely true of it, so the two kinds
 # tell how much of the accuracy is grounding and how much the sentences allow.
-CAPTION_SOURCES = ("mscoco", "vg")
+CAPTION_SOURCES = tuple(s for s in SOURCES if s not in PRETRAIN_QA_SOURCES)  # mscoco, vg
 OBJECTIVES = ("mlm", "matched", "obj", "attr", "feat", "qa")  # their switches, and the loss parts logged
 MATCHING_KINDS = ("captions", "questions")
 MISMATCH_RATE = 0.5  # share of sentences paired with another image while the matching objective is on
