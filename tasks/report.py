@@ -249,12 +249,12 @@ def grounding_section(grounding: Mapping[str, Any], pointing: Mapping[str, dict[
     matching = grounding.get("matching")
     if matching:
         epochs = list(range(1, len(matching["per_epoch"]) + 1))
+        kinds = [k for k in MATCHING_KINDS if k in matching]
         fig = Figure(figsize=(6, 3.6), dpi=100, layout="constrained")
         ax = fig.subplots()
         ax.plot(epochs, matching["per_epoch"], "o-", label="held-out pairs")
-        for kind in MATCHING_KINDS:
-            if kind in matching:
-                ax.plot(epochs, matching[kind]["per_epoch"], ".--", linewidth=1, label=f"showing {kind}")
+        for kind in kinds:
+            ax.plot(epochs, matching[kind]["per_epoch"], ".--", linewidth=1, label=f"showing {kind}")
         ax.axhline(matching["chance"], color="gray", linestyle="--", label="chance")
         ax.set_xlabel("pretraining epoch")
         ax.set_ylabel("matching accuracy (%)")
@@ -266,7 +266,6 @@ def grounding_section(grounding: Mapping[str, Any], pointing: Mapping[str, dict[
         png = io.BytesIO()
         fig.savefig(png, format="png")
         atomic_write(out / path, png.getvalue())
-        kinds = [k for k in MATCHING_KINDS if k in matching]
         split = ""
         if kinds:
             split = (" (" + ", ".join(f"{matching[k]['last_epoch']:.2f}% on pairs showing {k}" for k in kinds)
