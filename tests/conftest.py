@@ -1,7 +1,9 @@
 """Shared test settings: offline, seeded, few threads (CI has 2 cores)."""
 import os
 import random
+from pathlib import Path
 
+import luigi
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def wd(tmp_path, monkeypatch) -> Path:
+    """A fresh work folder for the pipeline's tasks (LXMERT_WORKDIR)."""
+    monkeypatch.setenv("LXMERT_WORKDIR", str(tmp_path / "work"))
+    return tmp_path / "work"
+
+
+@pytest.fixture()
+def demo_tiny():
+    """The demo world's tiny preset for tasks that build it, whatever luigi.cfg says."""
+    config = luigi.configuration.get_config()
+    had = config.has_section("GenerateDemoWorld")
+    old = config.get("GenerateDemoWorld", "preset", None)
+    if not had:
+        config.add_section("GenerateDemoWorld")
+    config.set("GenerateDemoWorld", "preset", "tiny")
+    yield
+    if old is None:
+        config.remove_option("GenerateDemoWorld", "preset")
+    else:
+        config.set("GenerateDemoWorld", "preset", old)
 
 
 @pytest.fixture(scope="session")

@@ -65,28 +65,6 @@ def build(task: luigi.Task) -> tuple[luigi.LuigiStatusCode, str]:
     return result.status, "\n".join(f"{family}: {exc}" for family, exc in errors)
 
 
-@pytest.fixture()
-def wd(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("LXMERT_WORKDIR", str(tmp_path / "work"))
-    return tmp_path / "work"
-
-
-@pytest.fixture()
-def demo_tiny():
-    """The demo world's tiny preset for tasks that build it, whatever luigi.cfg says."""
-    config = luigi.configuration.get_config()
-    had = config.has_section("GenerateDemoWorld")
-    old = config.get("GenerateDemoWorld", "preset", None)
-    if not had:
-        config.add_section("GenerateDemoWorld")
-    config.set("GenerateDemoWorld", "preset", "tiny")
-    yield
-    if old is None:
-        config.remove_option("GenerateDemoWorld", "preset")
-    else:
-        config.set("GenerateDemoWorld", "preset", old)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """Good inputs shared by the tests: tiny detector weights, a photo, a training world."""

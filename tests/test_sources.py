@@ -74,12 +74,6 @@ def errors_of(task: luigi.Task) -> tuple[luigi.LuigiStatusCode, str]:
     return result.status, "\n".join(found)
 
 
-@pytest.fixture()
-def wd(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("LXMERT_WORKDIR", str(tmp_path / "work"))
-    return tmp_path / "work"
-
-
 def user_layout(world: Path, root: Path) -> Path:
     """The world's GQA and NLVR2 files copied into a user's own layout, named by a sources file there."""
     for rel, name in ((("gqa", "questions", "train"), "gqa/train.json"), (("gqa", "questions", "val"), "gqa/val.json"),

@@ -152,28 +152,6 @@ def test_the_finetune_command_refuses_a_foreign_init_in_one_line(world, tmp_path
 
 # ------------------------------------------------------------------ Luigi tasks
 
-@pytest.fixture()
-def wd(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("LXMERT_WORKDIR", str(tmp_path / "work"))
-    return tmp_path / "work"
-
-
-@pytest.fixture()
-def demo_tiny():
-    """The demo world's tiny preset for the data tasks FinetuneVQA builds, whatever luigi.cfg says."""
-    config = luigi.configuration.get_config()
-    had = config.has_section("GenerateDemoWorld")
-    old = config.get("GenerateDemoWorld", "preset", None)
-    if not had:
-        config.add_section("GenerateDemoWorld")
-    config.set("GenerateDemoWorld", "preset", "tiny")
-    yield
-    if old is None:
-        config.remove_option("GenerateDemoWorld", "preset")
-    else:
-        config.set("GenerateDemoWorld", "preset", old)
-
-
 def build(task: luigi.Task) -> tuple[luigi.LuigiStatusCode, list[str]]:
     """Run `task` with the local scheduler; (status, 'family: message' of each failure)."""
     found: list[str] = []
