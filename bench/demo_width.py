@@ -14,13 +14,12 @@ each (the first compiled call, which compiles, is timed apart); median ms/step o
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
 import time
-from collections.abc import Callable
 
 import torch
-from demo_step import alternate, setting
+from demo_step import alternate, setting, step
 from machine import cpu_model
 
 from tasks.training.loop import autocast, resolve_amp
@@ -50,21 +49,14 @@ def main() -> None:
         compiled = torch.compile(net)
         settings["128 compiled"] = (compiled, opt, batch)
 
-    def runner(net: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> Callable[[], None]:
-        def run() -> None:
-            with autocast("auto", cpu):
-                loss = net(**batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return run
-
-    runs = {name: runner(*s) for name, s in settings.items()}
+    runs = {name: functools.partial(step, *s) for name, s in settings.items()}
+    amp = functools.partial(autocast, "auto", cpu)
     if args.compile:
         start = time.perf_counter()
-        runs["128 compiled"]()
+        with amp():
+            runs["128 compiled"]()
         compile_s = round(time.perf_counter() - start, 1)
-    ms = alternate({name: (contextlib.nullcontext, run) for name, run in runs.items()}, args.steps, args.repeats)
+    ms = alternate({name: (amp, run) for name, run in runs.items()}, args.steps, args.repeats)
     rows = {name: {"ms_per_step": round(t, 1), "vs_128": round(t / ms["128"], 2)} for name, t in ms.items()}
     print(json.dumps({"machine": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "amp": resolve_amp("auto", cpu), "batch": 64, "steps": args.steps, "repeats": args.repeats,
